@@ -1,0 +1,151 @@
+"""The assertion algebra: applying assertions to one key's current timeline (DESIGN.md section 1).
+
+Pure Python, stdlib only, so the Flink job and the batch tools run the same rules. Times are UTC
+microseconds (see :mod:`chronolake.iceberg.temporal`); intervals are half-open ``[from, to)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, NamedTuple
+
+from chronolake.iceberg.temporal import SENTINEL
+
+UPSERT = "upsert"
+DELETE = "delete"
+OPS = (UPSERT, DELETE)
+
+Key = tuple[Any, ...]
+Payload = tuple[Any, ...]
+
+
+class Assertion(NamedTuple):
+    """One claim about a key over a valid-time range.
+
+    ``valid_to`` is ``None`` when not given (the range is then derived, rule 1) and
+    :data:`SENTINEL` when given as ``infinity``.
+    """
+
+    key: Key
+    op: str
+    valid_from: int
+    valid_to: int | None
+    payload: Payload
+    event_id: str | None = None
+
+    def digest(self) -> str:
+        """Content fingerprint, to tell a replayed event from a conflicting reuse of its id."""
+        content = repr((self.op, self.valid_from, self.valid_to, self.payload))
+        return hashlib.blake2b(content.encode(), digest_size=12).hexdigest()
+
+
+class Segment(NamedTuple):
+    """One current stored version of a key. Its identity is ``(key, valid_from, system_from)``."""
+
+    valid_from: int
+    valid_to: int
+    system_from: int
+    payload: Payload
+    event_id: str | None = None
+    event_digest: str | None = None
+
+
+@dataclass
+class KeyState:
+    """What the algebra needs to know about a key: its current segments and the event ids it has seen."""
+
+    segments: list[Segment] = field(default_factory=list)
+    events: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class KeyChange:
+    """The net effect of one transaction on one key: what to write."""
+
+    opened: list[Segment]
+    closed: list[Segment]
+    #: Applied event ids that no opened segment carries (deletes, versions superseded in the same
+    #: transaction); they are written as markers so dedup state can be rebuilt from the table.
+    events: list[tuple[str, str]]
+    applied: int
+    duplicates: int
+    #: ``(position in the input, reason)`` of assertions refused by the algebra.
+    rejected: list[tuple[int, str]]
+
+
+_VALID_TO = itemgetter(1)
+
+
+def apply_transaction(state: KeyState, assertions: Sequence[Assertion], t: int) -> KeyChange:
+    """Apply ``assertions`` (in input order) to ``state`` at system time ``t``; mutates ``state``.
+
+    ``t`` must be later than the ``system_from`` of every segment in ``state``. Versions opened and
+    closed inside the transaction are not part of the result.
+    """
+    segments = state.segments
+    events = state.events
+    closed: list[Segment] = []
+    applied_events: list[tuple[str, str]] = []
+    rejected: list[tuple[int, str]] = []
+    applied = duplicates = 0
+
+    for position, assertion in enumerate(assertions):
+        digest = None
+        if assertion.event_id is not None:
+            digest = assertion.digest()
+            seen = events.get(assertion.event_id)
+            if seen is not None:
+                if seen == digest:
+                    duplicates += 1
+                else:
+                    rejected.append(
+                        (position, f"event_id {assertion.event_id!r} was already used with different content")
+                    )
+                continue
+            events[assertion.event_id] = digest
+            applied_events.append((assertion.event_id, digest))
+        _apply(segments, assertion, digest, t, closed)
+        applied += 1
+
+    opened = [s for s in segments if s.system_from == t]
+    carried = {s.event_id for s in opened}
+    markers = [(eid, d) for eid, d in applied_events if eid not in carried]
+    return KeyChange(opened, closed, markers, applied, duplicates, rejected)
+
+
+def _apply(segments: list[Segment], assertion: Assertion, digest: str | None, t: int, closed: list[Segment]) -> None:
+    valid_from = assertion.valid_from
+    valid_to = assertion.valid_to
+    # Segments are sorted and disjoint, so their valid_to ascend too: find the first ending after valid_from.
+    first = bisect_right(segments, valid_from, key=_VALID_TO)
+    if valid_to is None:
+        if assertion.op == DELETE or first == len(segments):
+            valid_to = SENTINEL
+        else:
+            covering_or_next = segments[first]
+            if covering_or_next.valid_from <= valid_from:
+                valid_to = covering_or_next.valid_to
+            else:
+                valid_to = covering_or_next.valid_from
+
+    replacement: list[Segment] = []
+    last = first
+    count = len(segments)
+    while last < count and segments[last].valid_from < valid_to:
+        overlapping = segments[last]
+        if overlapping.system_from != t:
+            closed.append(overlapping)
+        if overlapping.valid_from < valid_from:
+            replacement.append(overlapping._replace(valid_to=valid_from, system_from=t))
+        last += 1
+    if assertion.op == UPSERT:
+        replacement.append(
+            Segment(valid_from, valid_to, t, assertion.payload, assertion.event_id, digest)
+        )
+    if last > first and segments[last - 1].valid_to > valid_to:
+        replacement.append(segments[last - 1]._replace(valid_from=valid_to, system_from=t))
+    segments[first:last] = replacement

@@ -1,0 +1,220 @@
+"""Parse and validate raw assertion records (file rows, stream events) into :class:`Assertion` s.
+
+Pure Python (stdlib only): the batch loader and the Flink job validate with the same rules, so a record
+is accepted or quarantined for the same reason whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from chronolake.iceberg.algebra import OPS, UPSERT, Assertion, Key
+from chronolake.iceberg.dataset import EVENT_ID, VALID_FROM, VALID_TO, Column, DatasetSpec, coerce_decimal
+from chronolake.iceberg.temporal import INFINITY, SENTINEL, TimestampError, micros_from_date, to_micros
+
+OP = "op"
+_TRUE = frozenset({"true", "t", "1", "yes", "y"})
+_FALSE = frozenset({"false", "f", "0", "no", "n"})
+_CACHE_LIMIT = 200_000
+
+
+class InvalidAssertion(ValueError):
+    """A record that cannot become an assertion; its message is the quarantine reason."""
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+class AssertionParser:
+    """Turns records (mappings of column name to raw value) into assertions of one dataset."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self._timestamps: dict[str, int] = {}
+        self._key = [(c.name, self._converter(c)) for c in spec.key]
+        self._payload = [(c.name, self._converter(c)) for c in spec.columns]
+        self.known_fields = frozenset(
+            [*spec.key_names, *spec.payload_names, VALID_FROM, VALID_TO, OP, EVENT_ID]
+        )
+
+    def parse(self, record: Mapping[str, Any]) -> Assertion:
+        key = self.parse_key(record)
+        op_value = record.get(OP)
+        if _is_missing(op_value):
+            op = UPSERT
+        elif isinstance(op_value, str) and op_value.strip().lower() in OPS:
+            op = op_value.strip().lower()
+        else:
+            raise InvalidAssertion(f"unknown op {op_value!r} (expected upsert or delete)")
+        raw_from = record.get(VALID_FROM)
+        if _is_missing(raw_from):
+            raise InvalidAssertion("missing valid_from")
+        valid_from = self._time(raw_from, VALID_FROM)
+        raw_to = record.get(VALID_TO)
+        valid_to: int | None
+        if _is_missing(raw_to):
+            valid_to = None
+        elif isinstance(raw_to, str) and raw_to.strip().lower() == INFINITY:
+            valid_to = SENTINEL
+        else:
+            valid_to = self._time(raw_to, VALID_TO)
+            if valid_to <= valid_from:
+                raise InvalidAssertion(f"valid_to {raw_to!s} is not after valid_from {raw_from!s}")
+        if valid_from >= SENTINEL:
+            raise InvalidAssertion(f"valid_from {raw_from!s} is not before 9999-12-31")
+        payload = tuple(convert(record.get(name), name) for name, convert in self._payload)
+        raw_event = record.get(EVENT_ID)
+        event_id: str | None
+        if _is_missing(raw_event):
+            event_id = None
+        elif isinstance(raw_event, str):
+            event_id = raw_event.strip()
+        elif isinstance(raw_event, int) and not isinstance(raw_event, bool):
+            event_id = str(raw_event)
+        else:
+            raise InvalidAssertion(f"event_id must be a string, got {raw_event!r}")
+        return Assertion(key, op, valid_from, valid_to, payload, event_id)
+
+    def parse_key(self, record: Mapping[str, Any]) -> Key:
+        values = []
+        for name, convert in self._key:
+            raw = record.get(name)
+            if _is_missing(raw):
+                raise InvalidAssertion(f"missing key column {name}")
+            values.append(convert(raw, name))
+        return tuple(values)
+
+    def _time(self, value: Any, name: str) -> int:
+        if isinstance(value, str):
+            cached = self._timestamps.get(value)
+            if cached is not None:
+                return cached
+        try:
+            micros = to_micros(value)
+        except TimestampError:
+            raise InvalidAssertion(f"{name}: unparsable timestamp {value!r}") from None
+        except (OverflowError, ValueError):
+            raise InvalidAssertion(f"{name}: timestamp out of range {value!r}") from None
+        if isinstance(value, str):
+            if len(self._timestamps) >= _CACHE_LIMIT:
+                self._timestamps.clear()
+            self._timestamps[value] = micros
+        return micros
+
+    def _converter(self, column: Column) -> Callable[[Any, str], Any]:
+        kind = column.type
+        if kind == "string":
+            return _string
+        if kind == "long":
+            return _long
+        if kind == "double":
+            return _double
+        if kind == "boolean":
+            return _boolean
+        if kind == "date":
+            return _date
+        if kind == "timestamp":
+            return self._timestamp_payload
+        return lambda value, name: _decimal(value, name, column)
+
+    def _timestamp_payload(self, value: Any, name: str) -> int | None:
+        if _is_missing(value):
+            return None
+        return self._time(value, name)
+
+
+def _wrong(name: str, expected: str, value: Any) -> InvalidAssertion:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return InvalidAssertion(f"{name}: expected {expected}, got {shown}")
+
+
+def _string(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    raise _wrong(name, "a string", value)
+
+
+def _long(value: Any, name: str) -> int | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool):
+        raise _wrong(name, "an integer", value)
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str):
+        try:
+            result = int(value.strip())
+        except ValueError:
+            raise _wrong(name, "an integer", value) from None
+    else:
+        raise _wrong(name, "an integer", value)
+    if not -(2**63) <= result < 2**63:
+        raise _wrong(name, "a 64-bit integer", value)
+    return result
+
+
+def _double(value: Any, name: str) -> float | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool):
+        raise _wrong(name, "a number", value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise _wrong(name, "a number", value) from None
+    raise _wrong(name, "a number", value)
+
+
+def _boolean(value: Any, name: str) -> bool | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    raise _wrong(name, "true or false", value)
+
+
+def _date(value: Any, name: str) -> date | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, datetime):
+        raise _wrong(name, "a date", value)
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = date.fromisoformat(value.strip())
+        except ValueError:
+            raise _wrong(name, "an ISO date", value) from None
+        micros_from_date(parsed)
+        return parsed
+    raise _wrong(name, "an ISO date", value)
+
+
+def _decimal(value: Any, name: str, column: Column) -> Decimal | None:
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
+        raise _wrong(name, column.type, value)
+    try:
+        return coerce_decimal(value, column)
+    except InvalidOperation:
+        raise _wrong(name, column.type, value) from None
+    except ValueError as error:
+        raise InvalidAssertion(f"{name}: {error}") from None
