@@ -40,7 +40,7 @@ def describe_application(client: Any, name: str) -> ApplicationState:
     flink = detail.get("ApplicationConfigurationDescription", {}).get("FlinkApplicationConfigurationDescription", {})
     parallelism = flink.get("ParallelismConfigurationDescription", {})
     return ApplicationState(
-        name=detail["ApplicationName"],
+        name=name,
         status=detail["ApplicationStatus"],
         version_id=detail["ApplicationVersionId"],
         conditional_token=detail.get("ConditionalToken"),

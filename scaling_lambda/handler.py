@@ -28,7 +28,8 @@ from chronolake.scaling_lambda.metrics import MetricReadings, publish_decision, 
 from chronolake.scaling_lambda.policy import Observation, decide
 from chronolake.scaling_lambda.schedule import parse_schedule
 
-RETRIES = {"mode": "standard", "max_attempts": 3}
+# Three attempts in all, first included: a throttled control plane sees no storm from us.
+RETRIES = {"mode": "standard", "total_max_attempts": 3}
 
 
 @dataclass(frozen=True)
