@@ -14,6 +14,7 @@ from chronolake.scaling_lambda.exceptions import AwsCallError
 from chronolake.scaling_lambda.policy import Decision, LagUnit
 
 FLINK_NAMESPACE = "AWS/KinesisAnalytics"
+TREND_POINTS = 3
 
 
 class LagSource(enum.Enum):
@@ -150,7 +151,9 @@ def read_metrics(client: Any, queries: MetricQueries, now: datetime) -> MetricRe
     return MetricReadings(
         state_bytes=latest("state"),
         lag=latest("lag"),
-        lag_growth_per_second=trend_per_second(series.get("lag") or []),
+        # Only the last few minutes: a window spanning a burst's rise and fall would average to a
+        # rising trend while the backlog is already draining.
+        lag_growth_per_second=trend_per_second((series.get("lag") or [])[-TREND_POINTS:]),
         cpu_percent=latest("cpu"),
         kpus=latest("kpus"),
     )

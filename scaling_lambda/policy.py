@@ -70,6 +70,9 @@ class PolicyConfig:
     throughput_per_kpu: float | None = None
     capacity_headroom: float = 0.2
     cooldown_seconds: float = 900.0
+    # Rescale outage model (state-aware): fixed cost plus restore time per GiB of state.
+    restart_seconds_base: float = 45.0
+    restart_seconds_per_gib: float = 1.2
     target_cpu_percent: float = 60.0
     scale_up_cpu_percent: float = 80.0
     scale_down_cpu_percent: float = 25.0
@@ -138,11 +141,17 @@ def state_floor_parallelism(state_bytes: float, config: PolicyConfig) -> int:
     return kpus * config.parallelism_per_kpu
 
 
+def restart_seconds(state_bytes: float | None, config: PolicyConfig) -> float:
+    """Expected processing outage of a rescale: snapshot, stop, restore at the new parallelism."""
+    return config.restart_seconds_base + (state_bytes or 0.0) / GIB * config.restart_seconds_per_gib
+
+
 def lag_parallelism(observation: Observation, config: PolicyConfig) -> int | None:
     """Parallelism that keeps up with the input and drains the backlog within the horizon.
 
-    None when the lag is not projected to cross the threshold within the horizon, or cannot
-    be sized (no lag metric, or a lag in records without a throughput model).
+    None when the lag is not projected to cross the threshold within the horizon, when the
+    backlog drains sooner at the current size than through a restart at a larger one, or when
+    it cannot be sized (no lag metric, or a lag in records without a throughput model).
     """
     lag, growth = observation.lag, observation.lag_growth_per_second
     if lag is None:
@@ -152,22 +161,32 @@ def lag_parallelism(observation: Observation, config: PolicyConfig) -> int | Non
     if lag + max(growth, 0.0) * horizon <= config.lag_threshold:
         return None
     kpus = config.kpus(observation.parallelism)
+    # Behind means saturated, so processing runs at capacity and input = capacity + lag growth.
     if config.lag_unit is LagUnit.RECORDS:
         if config.throughput_per_kpu is None:
             return None
-        # Behind means saturated: processing = capacity, input = capacity + growth.
-        capacity = kpus * config.throughput_per_kpu
-        required = capacity + growth + lag / horizon
-        if required <= capacity:
-            return None
-        needed = math.ceil(required * (1 + config.capacity_headroom) / config.throughput_per_kpu)
+        per_kpu = config.throughput_per_kpu
+        capacity = kpus * per_kpu
+        input_rate = capacity + growth
+        backlog = lag
     else:
         # millisBehindLatest grows by g ms per second when input runs at (1 + g/1000) x capacity;
-        # a backlog of L ms is L/1000 seconds of input to replay within the horizon.
-        factor = (1 + growth / 1000) * (1 + lag / 1000 / horizon)
-        if factor <= 1:
+        # a lag of L ms is L/1000 seconds of input. Capacity is counted in KPUs here.
+        per_kpu = 1.0
+        capacity = float(kpus)
+        input_rate = capacity * (1 + growth / 1000)
+        backlog = input_rate * lag / 1000
+    required = input_rate + backlog / horizon
+    if required <= capacity:
+        return None
+    needed = math.ceil(required * (1 + config.capacity_headroom) / per_kpu)
+    if input_rate < capacity:
+        # Already draining: a rescale pauses processing for the restart, during which input piles up.
+        outage = restart_seconds(observation.state_bytes, config)
+        drain_now = backlog / (capacity - input_rate)
+        drain_rescaled = outage + (backlog + input_rate * outage) / (needed * per_kpu - input_rate)
+        if drain_now <= drain_rescaled:
             return None
-        needed = math.ceil(kpus * factor * (1 + config.capacity_headroom))
     return needed * config.parallelism_per_kpu
 
 

@@ -247,3 +247,25 @@ def test_invariants_hold_for_any_input(
     if target < current:
         assert lag is not None and lag <= CONFIG.lag_threshold
         assert minutes_since_update * 60 >= CONFIG.cooldown_seconds
+
+
+def test_draining_backlog_is_rescaled_only_when_the_restart_pays_off_for_this_state_size() -> None:
+    # 3.6M behind, draining at 10k/s: done in 360 s at the current size; the horizon asks for 13 KPUs.
+    behind = dict(lag=3_600_000.0, lag_growth_per_second=-10_000.0)
+    # Small state: a 45 s restart, then 13 KPUs drain the backlog plus what arrived meanwhile in ~225 s.
+    assert lag_parallelism(observe(**behind, state_bytes=0.0), CONFIG) == 13
+    # 120 GiB of state: a ~189 s restart, and the larger size would finish later (~736 s) than staying.
+    assert lag_parallelism(observe(**behind, state_bytes=120 * 1024**3), CONFIG) is None
+
+
+def test_slowly_draining_backlog_is_rescaled_when_the_restart_pays_off() -> None:
+    # 30M behind, draining at only 1k/s (8 hours): a restart to a larger size finishes far sooner.
+    obs = observe(lag=30_000_000.0, lag_growth_per_second=-1_000.0, state_bytes=120 * 1024**3)
+    needed = lag_parallelism(obs, CONFIG)
+    assert needed is not None and needed > 10
+
+
+def test_restart_cost_grows_with_state() -> None:
+    from chronolake.scaling_lambda.policy import restart_seconds
+
+    assert restart_seconds(200 * 1024**3, CONFIG) > restart_seconds(20 * 1024**3, CONFIG) > restart_seconds(None, CONFIG)
