@@ -80,41 +80,59 @@ class KeyChange:
 _VALID_TO = itemgetter(1)
 
 
-def apply_transaction(state: KeyState, assertions: Sequence[Assertion], t: int) -> KeyChange:
-    """Apply ``assertions`` (in input order) to ``state`` at system time ``t``; mutates ``state``.
-
-    ``t`` must be later than the ``system_from`` of every segment in ``state``. Versions opened and
-    closed inside the transaction are not part of the result.
+class KeyTransaction:
+    """One transaction on one key at system time ``t``: assertions are applied one at a time, in input
+    order, and :meth:`finish` gives the net effect. ``t`` must be later than every ``system_from`` in
+    ``state``, which is mutated in place.
     """
-    segments = state.segments
-    events = state.events
-    closed: list[Segment] = []
-    applied_events: list[tuple[str, str]] = []
-    rejected: list[tuple[int, str]] = []
-    applied = duplicates = 0
 
-    for position, assertion in enumerate(assertions):
+    __slots__ = ("state", "t", "_closed", "_applied_events", "applied", "duplicates")
+
+    def __init__(self, state: KeyState, t: int) -> None:
+        self.state = state
+        self.t = t
+        self._closed: list[Segment] = []
+        self._applied_events: list[tuple[str, str]] = []
+        self.applied = 0
+        self.duplicates = 0
+
+    def apply(self, assertion: Assertion) -> str | None:
+        """Apply one assertion; returns the reason when the algebra refuses it (then nothing changed)."""
         digest = None
         if assertion.event_id is not None:
             digest = assertion.digest()
-            seen = events.get(assertion.event_id)
+            seen = self.state.events.get(assertion.event_id)
             if seen is not None:
                 if seen == digest:
-                    duplicates += 1
-                else:
-                    rejected.append(
-                        (position, f"event_id {assertion.event_id!r} was already used with different content")
-                    )
-                continue
-            events[assertion.event_id] = digest
-            applied_events.append((assertion.event_id, digest))
-        _apply(segments, assertion, digest, t, closed)
-        applied += 1
+                    self.duplicates += 1
+                    return None
+                return f"event_id {assertion.event_id!r} was already used with different content"
+            self.state.events[assertion.event_id] = digest
+            self._applied_events.append((assertion.event_id, digest))
+        _apply(self.state.segments, assertion, digest, self.t, self._closed)
+        self.applied += 1
+        return None
 
-    opened = [s for s in segments if s.system_from == t]
-    carried = {s.event_id for s in opened}
-    markers = [(eid, d) for eid, d in applied_events if eid not in carried]
-    return KeyChange(opened, closed, markers, applied, duplicates, rejected)
+    def finish(self, rejected: list[tuple[int, str]] | None = None) -> KeyChange:
+        t = self.t
+        opened = [s for s in self.state.segments if s.system_from == t]
+        carried = {s.event_id for s in opened}
+        markers = [(eid, d) for eid, d in self._applied_events if eid not in carried]
+        return KeyChange(opened, self._closed, markers, self.applied, self.duplicates, rejected or [])
+
+
+def apply_transaction(state: KeyState, assertions: Sequence[Assertion], t: int) -> KeyChange:
+    """Apply ``assertions`` (in input order) to ``state`` at system time ``t``; mutates ``state``.
+
+    Versions opened and closed inside the transaction are not part of the result.
+    """
+    transaction = KeyTransaction(state, t)
+    rejected = []
+    for position, assertion in enumerate(assertions):
+        reason = transaction.apply(assertion)
+        if reason is not None:
+            rejected.append((position, reason))
+    return transaction.finish(rejected)
 
 
 def _apply(segments: list[Segment], assertion: Assertion, digest: str | None, t: int, closed: list[Segment]) -> None:

@@ -44,20 +44,18 @@ def versions(rows: pa.Table, spec: DatasetSpec, known_at: int, *, with_event_id:
         pc.and_(pc.is_in(rows[ROW_KIND], pa.array([OPEN, CLOSED])), pc.less_equal(rows[SYSTEM_FROM], _ts(known_at)))
     )
     identity = [*spec.key_names, VALID_FROM, SYSTEM_FROM]
-    carried = [*spec.payload_names, VALID_TO] + ([EVENT_ID] if with_event_id else [])
-    grouped = rows.group_by(identity, use_threads=False).aggregate(
-        [(name, "first") for name in carried] + [(SYSTEM_TO, "min")]
-    )
+    # Twins carry identical payloads, so any one row of a version represents it: take the first by
+    # position (a type-agnostic "first", which Arrow lacks for decimals), with min(system_to) beside it.
+    rows = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
+    grouped = rows.group_by(identity, use_threads=False).aggregate([("__row", "min"), (SYSTEM_TO, "min")])
+    picked = rows.take(grouped["__row_min"])
     closed_at = grouped[f"{SYSTEM_TO}_min"]
     system_to = pc.if_else(pc.less_equal(closed_at, _ts(known_at)), closed_at, _ts(SENTINEL))
-    columns = {name: grouped[name] for name in spec.key_names}
-    columns.update({name: grouped[f"{name}_first"] for name in spec.payload_names})
-    columns[VALID_FROM] = grouped[VALID_FROM]
-    columns[VALID_TO] = grouped[f"{VALID_TO}_first"]
-    columns[SYSTEM_FROM] = grouped[SYSTEM_FROM]
+    names = [*spec.key_names, *spec.payload_names, VALID_FROM, VALID_TO, SYSTEM_FROM]
+    columns = {name: picked[name] for name in names}
     columns[SYSTEM_TO] = system_to
     if with_event_id:
-        columns[EVENT_ID] = grouped[f"{EVENT_ID}_first"]
+        columns[EVENT_ID] = picked[EVENT_ID]
     result = pa.table(columns)
     return result.sort_by([(name, "ascending") for name in identity])
 

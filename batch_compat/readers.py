@@ -1,0 +1,257 @@
+"""Reading assertion files (CSV, JSON lines, Parquet; optionally gzip) as batches of raw records.
+
+Rows that cannot even be split into fields come out as records with a problem (they are quarantined);
+a file that cannot be read at all raises :class:`UnreadableFile` and nothing is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from chronolake.iceberg.dataset import DatasetSpec
+from chronolake.iceberg.exceptions import UnreadableFile
+
+_CHUNK = 1 << 20
+_CSV_BLOCK = 4 << 20
+_JSON_BATCH = 20_000
+_RAW_LIMIT = 2_000
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+class RawRecord(NamedTuple):
+    line: int
+    record: dict[str, Any] | None  # None when the row could not be split into fields
+    problem: str | None
+    raw: str | None
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    format: str
+    compressed: bool
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    @classmethod
+    def detect(cls, path: str | Path) -> SourceFile:
+        file = Path(path)
+        suffixes = [s.lower() for s in file.suffixes]
+        compressed = bool(suffixes) and suffixes[-1] == ".gz"
+        if compressed:
+            suffixes = suffixes[:-1]
+        kind = FORMATS.get(suffixes[-1]) if suffixes else None
+        if kind is None:
+            raise UnreadableFile(f"{file}: unknown file type (expected .csv, .jsonl or .parquet, optionally .gz)")
+        if not file.is_file():
+            raise UnreadableFile(f"{file}: no such file")
+        return cls(file, kind, compressed)
+
+    def open_raw(self) -> IO[bytes]:
+        try:
+            return open(self.path, "rb")
+        except OSError as error:
+            raise UnreadableFile(f"{self.path}: {error.strerror}") from None
+
+    def open(self, on_bytes: Callable[[int], None] | None = None) -> IO[bytes]:
+        """The decompressed content; ``on_bytes`` hears how many raw (compressed) bytes were consumed."""
+        raw: IO[bytes] = self.open_raw()
+        if on_bytes is not None:
+            raw = _Counting(raw, on_bytes)  # type: ignore[assignment]
+        if self.compressed:
+            return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return raw
+
+    def sha256(self, on_bytes: Callable[[int], None] | None = None) -> str:
+        """SHA-256 of the decompressed bytes: the file's identity for the idempotency ledger."""
+        digest = hashlib.sha256()
+        try:
+            with self.open(on_bytes) as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+        except (OSError, EOFError, zlib.error) as error:
+            raise UnreadableFile(f"{self.path}: cannot decompress ({_reason(error)})") from None
+        return digest.hexdigest()
+
+
+class _Counting(io.RawIOBase):
+    def __init__(self, inner: IO[bytes], on_bytes: Callable[[int], None]) -> None:
+        self._inner = inner
+        self._on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self._on_bytes(len(data))
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def _reason(error: BaseException) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+def check_columns(source: SourceFile, names: list[str], spec: DatasetSpec, *, strict_payload: bool) -> None:
+    known = {*spec.key_names, *spec.payload_names, "valid_from", "valid_to", "op", "event_id"}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UnreadableFile(f"{source.path}: unknown column(s) {', '.join(unknown)} for dataset {spec.name!r}")
+    required = [*spec.key_names, "valid_from"] + (spec.payload_names if strict_payload else [])
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise UnreadableFile(f"{source.path}: missing column(s) {', '.join(missing)}")
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise UnreadableFile(f"{source.path}: duplicated column(s) {', '.join(duplicated)}")
+
+
+def read_records(
+    source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[list[RawRecord]]:
+    """Batches of raw records in file order, with their line numbers (header = line 1 for CSV)."""
+    try:
+        if source.format == "csv":
+            yield from _csv(source, spec, on_bytes)
+        elif source.format == "jsonl":
+            yield from _jsonl(source, spec, on_bytes)
+        else:
+            yield from _parquet(source, spec, on_bytes)
+    except UnreadableFile:
+        raise
+    except (OSError, EOFError, zlib.error, pa.ArrowException, UnicodeDecodeError) as error:
+        raise UnreadableFile(f"{source.path}: cannot read {source.format} ({_reason(error)})") from None
+
+
+def _csv(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None) -> Iterator[list[RawRecord]]:
+    with source.open() as peek:
+        first = peek.readline().decode("utf-8-sig")
+    header = next(csv.reader([first]), [])
+    header = [name.strip() for name in header]
+    if not header:
+        raise UnreadableFile(f"{source.path}: empty file (expected a header row)")
+    check_columns(source, header, spec, strict_payload=True)
+
+    bad_rows: list[tuple[int, str, str]] = []
+
+    def invalid_row(row: Any) -> str:
+        # Malformed rows are quarantined, not fatal; their line number keeps the others' numbering right.
+        number = row.number if row.number is not None else -1
+        bad_rows.append((number, f"expected {row.expected_columns} fields, found {row.actual_columns}", row.text))
+        return "skip"
+
+    stream = source.open(on_bytes)
+    reader = pacsv.open_csv(
+        stream,
+        read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=True),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=invalid_row, newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in header},
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+            null_values=[""],
+        ),
+    )
+    line = 1  # the header
+    with stream:
+        for batch in reader:
+            records: list[RawRecord] = []
+            columns = [column.to_pylist() for column in batch.columns]
+            names = batch.schema.names
+            bad_lines = {number for number, _, _ in bad_rows if number > 0}
+            for number, problem, text in bad_rows:
+                records.append(RawRecord(number, None, f"malformed CSV row: {problem}", _clip(text)))
+            bad_rows.clear()
+            for values in zip(*columns):
+                line += 1
+                while line in bad_lines:
+                    line += 1
+                records.append(RawRecord(line, dict(zip(names, values)), None, None))
+            yield records
+
+
+def _jsonl(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None) -> Iterator[list[RawRecord]]:
+    known = {*spec.key_names, *spec.payload_names, "valid_from", "valid_to", "op", "event_id"}
+    batch: list[RawRecord] = []
+    with source.open(on_bytes) as stream:
+        for number, raw_line in enumerate(stream, start=1):
+            text = raw_line.strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                batch.append(RawRecord(number, None, f"broken JSON: {_reason(error)}", _clip(text)))
+            else:
+                if not isinstance(record, dict):
+                    batch.append(RawRecord(number, None, "not a JSON object", _clip(text)))
+                elif unknown := [k for k in record if k not in known]:
+                    batch.append(RawRecord(number, None, f"unknown field(s) {', '.join(map(str, unknown))}", _clip(text)))
+                else:
+                    batch.append(RawRecord(number, record, None, None))
+            if len(batch) >= _JSON_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _parquet(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None) -> Iterator[list[RawRecord]]:
+    if source.compressed:
+        with source.open() as stream:
+            handle: Any = io.BytesIO(stream.read())
+    else:
+        handle = str(source.path)
+    parquet = pq.ParquetFile(handle)
+    names = parquet.schema_arrow.names
+    check_columns(source, names, spec, strict_payload=True)
+    row = 0
+    total = max(parquet.metadata.num_rows, 1)
+    size = source.size
+    for batch in parquet.iter_batches(batch_size=65_536):
+        columns = []
+        for column in batch.columns:
+            if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
+                column = column.cast(pa.timestamp("us", tz=column.type.tz), safe=False)
+            columns.append(column.to_pylist())
+        records = []
+        for values in zip(*columns):
+            row += 1
+            records.append(RawRecord(row, dict(zip(names, values)), None, None))
+        if on_bytes is not None:
+            on_bytes(int(size * len(records) / total))
+        yield records
+
+
+def _clip(text: str | bytes | None) -> str | None:
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return text if len(text) <= _RAW_LIMIT else text[:_RAW_LIMIT] + "..."
+
+
+def raw_text(record: dict[str, Any]) -> str:
+    """The record as the quarantine shows it."""
+    return _clip(json.dumps(record, default=str)) or ""
+

@@ -1,0 +1,249 @@
+"""A dataset's Iceberg table: reading its state and committing transactions as single atomic appends."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.catalog import Catalog
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+from pyiceberg.types import LongType, NestedField, StringType, TimestamptzType
+
+from chronolake.iceberg.algebra import Key, KeyState, Segment
+from chronolake.iceberg.config import LakeSettings
+from chronolake.iceberg.dataset import (
+    CLOSED,
+    CONTROL,
+    EVENT,
+    EVENT_DIGEST,
+    EVENT_ID,
+    FILE,
+    OPEN,
+    ROW_KIND,
+    SPEC_PROPERTY,
+    SYSTEM_FROM,
+    VALID_FROM,
+    VALID_TO,
+    DatasetSpec,
+)
+from chronolake.iceberg.exceptions import CommitConflict, DatasetAlreadyExists, DatasetNotFound
+from chronolake.iceberg.queries import key_mask
+from chronolake.iceberg.rows import RowBuilder, python_columns
+from chronolake.iceberg.schema import TIMESTAMP, iceberg_schema, partition_spec, sort_order
+
+STABLE_PROPERTY = "chronolake.stable-system-time"
+OPERATION_PROPERTY = "chronolake.operation"
+QUARANTINE_SUFFIX = "__quarantine"
+#: Below this many keys a state read pushes the key list into the scan (bucket pruning); above, it filters after.
+_KEY_PUSHDOWN_LIMIT = 2_000
+
+
+def quarantine_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("source", pa.string()),
+            pa.field("source_sha256", pa.string()),
+            pa.field("line", pa.int64()),
+            pa.field("reason", pa.string()),
+            pa.field("raw", pa.string()),
+            pa.field("system_time", TIMESTAMP),
+        ]
+    )
+
+
+class BitemporalTable:
+    """One dataset: its declaration and its Iceberg table (plus the quarantine table beside it)."""
+
+    def __init__(self, catalog: Catalog, settings: LakeSettings, spec: DatasetSpec, table: Table) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.spec = spec
+        self.table = table
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, catalog: Catalog, settings: LakeSettings, spec: DatasetSpec) -> tuple[BitemporalTable, bool]:
+        """Create the dataset's tables; returns ``(table, created)``. Re-creating an identical one is a no-op."""
+        identifier = (settings.namespace, spec.name)
+        try:
+            table = catalog.create_table(
+                identifier,
+                schema=iceberg_schema(spec),
+                partition_spec=partition_spec(spec),
+                sort_order=sort_order(spec),
+                properties={
+                    SPEC_PROPERTY: spec.to_json(),
+                    "format-version": "2",
+                    "write.parquet.compression-codec": "zstd",
+                },
+            )
+            created = True
+        except TableAlreadyExistsError:
+            existing = cls.open(catalog, settings, spec.name)
+            if existing.spec != spec:
+                raise DatasetAlreadyExists(
+                    f"dataset {spec.name!r} already exists with a different declaration: {existing.spec.to_json()}"
+                ) from None
+            return existing, False
+        try:
+            catalog.create_table(
+                (settings.namespace, spec.name + QUARANTINE_SUFFIX), schema=Schema(*_quarantine_fields())
+            )
+        except TableAlreadyExistsError:
+            pass
+        return cls(catalog, settings, spec, table), created
+
+    @classmethod
+    def open(cls, catalog: Catalog, settings: LakeSettings, name: str) -> BitemporalTable:
+        try:
+            table = catalog.load_table((settings.namespace, name))
+        except NoSuchTableError:
+            raise DatasetNotFound(f"no dataset named {name!r} (create it with: chronolake dataset create)") from None
+        declaration = table.properties.get(SPEC_PROPERTY)
+        if declaration is None:
+            raise DatasetNotFound(f"table {settings.namespace}.{name} is not a chronolake dataset")
+        return cls(catalog, settings, DatasetSpec.from_json(name, declaration), table)
+
+    def refresh(self) -> None:
+        self.table = self.table.refresh()
+
+    # -- system time -----------------------------------------------------------------------------
+
+    def stable_system_time(self) -> int | None:
+        """Every transaction with ``t <=`` this is committed; ``None`` for a dataset with no commit yet."""
+        snapshot = self.table.current_snapshot()
+        if snapshot is None:
+            return None
+        value = snapshot.summary.get(STABLE_PROPERTY) if snapshot.summary else None
+        if value is not None:
+            return int(value)
+        # A snapshot written by another engine (e.g. maintenance): the control rows are the truth.
+        controls = self.scan(EqualTo(ROW_KIND, CONTROL), [SYSTEM_FROM])
+        if controls.num_rows == 0:
+            return None
+        return int(pc.max(controls[SYSTEM_FROM].cast(pa.int64())).as_py())
+
+    def next_system_time(self) -> int:
+        """A batch transaction time: now, but later than everything already in the dataset."""
+        now = time.time_ns() // 1_000
+        stable = self.stable_system_time()
+        return now if stable is None else max(now, stable + 1)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def scan(self, row_filter: BooleanExpression | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        selected = tuple(columns) if columns else ("*",)
+        return self.table.scan(row_filter=row_filter or AlwaysTrue(), selected_fields=selected).to_arrow()
+
+    def version_rows(self, known_at: int | None = None, keys: Sequence[Key] | None = None, extra: BooleanExpression | None = None) -> pa.Table:
+        """Version rows (open and closed twins), optionally up to a system time and for some keys."""
+        clauses: list[BooleanExpression] = [In(ROW_KIND, {OPEN, CLOSED})]
+        if known_at is not None:
+            clauses.append(LessThanOrEqual(SYSTEM_FROM, known_at))
+        if extra is not None:
+            clauses.append(extra)
+        key_names = self.spec.key_names
+        if keys is not None and len(keys) <= _KEY_PUSHDOWN_LIMIT:
+            if len(key_names) == 1:
+                clauses.append(In(key_names[0], {k[0] for k in keys}))
+            else:
+                for position, name in enumerate(key_names):
+                    clauses.append(In(name, {k[position] for k in keys}))
+        row_filter = clauses[0] if len(clauses) == 1 else And(*clauses)
+        rows = self.scan(row_filter)
+        if keys is not None:
+            rows = rows.filter(key_mask(rows, key_names, keys))
+        return rows
+
+    def load_state(self, keys: Sequence[Key]) -> dict[Key, KeyState]:
+        """The algebra's view of ``keys``: current segments and seen event ids, rebuilt from the table."""
+        if not keys or self.table.current_snapshot() is None:
+            return {}
+        key_names = self.spec.key_names
+        clauses: list[BooleanExpression] = [In(ROW_KIND, {OPEN, CLOSED, EVENT})]
+        if len(keys) <= _KEY_PUSHDOWN_LIMIT:
+            for position, name in enumerate(key_names):
+                clauses.append(In(name, {k[position] for k in keys}))
+        rows = self.scan(And(*clauses) if len(clauses) > 1 else clauses[0])
+        rows = rows.filter(key_mask(rows, key_names, keys))
+        states: dict[Key, KeyState] = defaultdict(KeyState)
+
+        identity = [*key_names, VALID_FROM, SYSTEM_FROM]
+        versions = rows.filter(pc.is_in(rows[ROW_KIND], pa.array([OPEN, CLOSED])))
+        closed = versions.filter(pc.equal(versions[ROW_KIND], CLOSED)).select(identity)
+        opened = versions.filter(pc.equal(versions[ROW_KIND], OPEN))
+        # Current = open twins whose closed twin does not exist (yet).
+        current = opened.join(closed, keys=identity, join_type="left anti") if closed.num_rows else opened
+        current = current.sort_by([(n, "ascending") for n in identity])
+        names = [*key_names, VALID_FROM, VALID_TO, SYSTEM_FROM, *self.spec.payload_names, EVENT_ID, EVENT_DIGEST]
+        columns = python_columns(current, names)
+        width = len(key_names)
+        payload_width = len(self.spec.payload_names)
+        for values in zip(*columns):
+            key = tuple(values[:width])
+            valid_from, valid_to, system_from = values[width : width + 3]
+            payload = tuple(values[width + 3 : width + 3 + payload_width])
+            event_id, digest = values[-2], values[-1]
+            states[key].segments.append(Segment(valid_from, valid_to, system_from, payload, event_id, digest))
+
+        with_events = rows.filter(pc.is_valid(rows[EVENT_ID]))
+        for values in zip(*python_columns(with_events, [*key_names, EVENT_ID, EVENT_DIGEST])):
+            states[tuple(values[:width])].events[values[width]] = values[width + 1]
+        return dict(states)
+
+    def loaded_files(self, hashes: Iterable[str]) -> dict[str, int]:
+        """Which of these file hashes are already in the ledger, with the system time they were loaded at."""
+        wanted = {f"sha256:{h}" for h in hashes}
+        if not wanted or self.table.current_snapshot() is None:
+            return {}
+        rows = self.scan(And(EqualTo(ROW_KIND, FILE), In(EVENT_ID, wanted)), [EVENT_ID, SYSTEM_FROM])
+        found: dict[str, int] = {}
+        for event_id, system_from in zip(*python_columns(rows, [EVENT_ID, SYSTEM_FROM])):
+            found[event_id.removeprefix("sha256:")] = system_from
+        return found
+
+    def quarantine_table(self) -> Table:
+        return self.catalog.load_table((self.settings.namespace, self.spec.name + QUARANTINE_SUFFIX))
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def commit(self, builder: RowBuilder, t: int, operation: str, quarantine: pa.Table | None = None) -> None:
+        """One atomic append: the transaction's versions, its ledger rows and the new stable system time.
+
+        Quarantine records are appended first, to their own table; they are shown only once the data
+        commit that names their file at the same system time exists, so a failed commit leaves none visible.
+        """
+        builder.add_control(t)
+        data = builder.to_arrow()
+        data = data.sort_by([(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)])
+        if quarantine is not None and quarantine.num_rows:
+            self.quarantine_table().append(quarantine)
+        try:
+            self.table.append(
+                data,
+                snapshot_properties={STABLE_PROPERTY: str(t), OPERATION_PROPERTY: operation},
+            )
+        except CommitFailedException:
+            raise CommitConflict(
+                f"dataset {self.spec.name!r} changed while this transaction was prepared "
+                "(is another writer running?); nothing was written, run it again"
+            ) from None
+
+
+def _quarantine_fields() -> list[NestedField]:
+    return [
+        NestedField(1, "source", StringType(), required=False),
+        NestedField(2, "source_sha256", StringType(), required=False),
+        NestedField(3, "line", LongType(), required=False),
+        NestedField(4, "reason", StringType(), required=False),
+        NestedField(5, "raw", StringType(), required=False),
+        NestedField(6, "system_time", TimestamptzType(), required=False),
+    ]
+
