@@ -52,7 +52,7 @@ class Settings:
             except ValueError:
                 raise InvalidSettingsError(f"{PREFIX}{f.name.upper()} must be {kind.__name__}, got {raw!r}") from None
         try:
-            policy = PolicyConfig(**overrides)  # type: ignore[arg-type]
+            policy = PolicyConfig(**overrides)
         except ValueError as error:
             raise InvalidSettingsError(str(error)) from None
 

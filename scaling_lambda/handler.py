@@ -42,7 +42,7 @@ class Clients:
         import boto3
         from botocore.config import Config
 
-        config = Config(retries=RETRIES, connect_timeout=5, read_timeout=20)  # type: ignore[arg-type]
+        config = Config(retries=RETRIES, connect_timeout=5, read_timeout=20)
         return cls(flink=boto3.client("kinesisanalyticsv2", config=config), cloudwatch=boto3.client("cloudwatch", config=config))
 
 
