@@ -140,11 +140,11 @@ class Dataset:
         if t > stable and not allow_unstable:
             raise UnstableRead(
                 f"known-at {format_micros(t)} is after the stable system time {format_micros(stable)} of "
-                f"{self.name!r}: later transactions may still arrive (pass allow_unstable to read anyway)"
+                f"{self.name!r}: later transactions may still arrive (--allow-unstable / allow_unstable=True reads anyway)"
             )
         return t, stable
 
-    def _keys(self, keys: Sequence[Any] | None) -> list[tuple[Any, ...]] | None:
+    def normalise_keys(self, keys: Sequence[Any] | None) -> list[tuple[Any, ...]] | None:
         if keys is None:
             return None
         width = len(self.spec.key)
@@ -168,7 +168,7 @@ class Dataset:
         t, stable = self._known_at(known_at, allow_unstable)
         v = micros(valid_at, "valid-at")
         rows = self.table.version_rows(
-            t, self._keys(keys), extra=And(LessThanOrEqual(VALID_FROM, v), GreaterThan(VALID_TO, v))
+            t, self.normalise_keys(keys), extra=And(LessThanOrEqual(VALID_FROM, v), GreaterThan(VALID_TO, v))
         )
         return queries.with_metadata(queries.as_of(rows, self.spec, v, t), stable=stable, known_at=t)
 
@@ -177,13 +177,13 @@ class Dataset:
     ) -> pa.Table:
         """Every version current at ``known_at``: the whole valid-time picture as then known."""
         t, stable = self._known_at(known_at, allow_unstable)
-        rows = self.table.version_rows(t, self._keys(keys))
+        rows = self.table.version_rows(t, self.normalise_keys(keys))
         return queries.with_metadata(queries.current(rows, self.spec, t), stable=stable, known_at=t)
 
     def history(self, key: Any, known_at: TimeLike | None = None, *, allow_unstable: bool = False) -> pa.Table:
         """Every version of one key with its four times (``system_to`` as of ``known_at``) and event id."""
         t, stable = self._known_at(known_at, allow_unstable)
-        keys = self._keys([key])
+        keys = self.normalise_keys([key])
         rows = self.table.version_rows(t, keys)
         result = queries.versions(rows, self.spec, t, with_event_id=True)
         result = result.sort_by([(VALID_FROM, "ascending"), (SYSTEM_FROM, "ascending")])
@@ -205,7 +205,7 @@ class Dataset:
             t1, t2 = t2, t1
         touched = self.table.version_rows(
             t2,
-            self._keys(keys),
+            self.normalise_keys(keys),
             extra=Or(GreaterThan(SYSTEM_FROM, t1), And(GreaterThan(SYSTEM_TO, t1), LessThanOrEqual(SYSTEM_TO, t2))),
         )
         key_names = self.spec.key_names
@@ -290,5 +290,3 @@ class _DiffBuilder:
                 arrays.append(pa.array(list(values), field.type))
         return pa.Table.from_arrays(arrays, schema=schema)
 
-
-__all__ = ["Lake", "Dataset", "micros", "SENTINEL"]
