@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from chronolake.scaling_lambda.simulator import (
-    PEAK_FROM_SECONDS,
     CapacityModel,
     Result,
     Workload,
@@ -63,7 +62,7 @@ def simulate(
     workload = dataclasses.replace(Workload(), burst_start_seconds=_clock(burst_at), burst_records=burst_records)
     model = CapacityModel(throughput_per_kpu=throughput_per_kpu, state_bytes=state_gb * 1e9)
     config = reference_config(model)
-    results = compare(workload, model, config, peak_from=_clock(peak_at) if peak_at else PEAK_FROM_SECONDS)
+    results = compare(workload, model, config, peak_from=_clock(peak_at))
     console = Console(width=140)
     console.print(results_table(results))
     console.print(
