@@ -155,7 +155,8 @@ def _csv(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] 
     bad_rows: list[tuple[int, str, str]] = []
 
     def invalid_row(row: Any) -> str:
-        # Malformed rows are quarantined, not fatal; their line number keeps the others' numbering right.
+        # Malformed rows are quarantined, not fatal. Arrow knows their line numbers only when reading
+        # single-threaded, which is why use_threads is off (parsing is not the bottleneck).
         number = row.number if row.number is not None else -1
         bad_rows.append((number, f"expected {row.expected_columns} fields, found {row.actual_columns}", row.text))
         return "skip"
@@ -163,7 +164,7 @@ def _csv(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] 
     stream = source.open(on_bytes)
     reader = pacsv.open_csv(
         stream,
-        read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=True),
+        read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False),
         parse_options=pacsv.ParseOptions(invalid_row_handler=invalid_row, newlines_in_values=False),
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.string() for name in header},

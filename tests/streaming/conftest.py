@@ -1,0 +1,26 @@
+"""Session-scoped real services for the streaming tests: one local KRaft broker per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from chronolake.streaming.broker import BrokerSettings, LocalKafkaBroker
+from chronolake.streaming.runtime import JobRuntime
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafkaBroker]:
+    """A started broker (readiness checked by `start()`); each test creates its own topics."""
+    with LocalKafkaBroker(BrokerSettings(data_dir=tmp_path_factory.mktemp("kafka"))) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def job_runtime() -> JobRuntime:
+    """The job venv and Flink jars made by scripts/setup (fails clearly when they are missing)."""
+    runtime = JobRuntime()
+    runtime.site_packages()
+    runtime.jars()
+    return runtime
