@@ -1,0 +1,184 @@
+"""The main job on the embedded lake: market data with late corrections and a restatement.
+
+Three loads arrive as an index provider's files would: the end-of-day levels and bond coupons for Q1
+2024, then a file of late corrections (a fat-finger level, a missing day delivered late), then a
+retroactive restatement (a divisor error fixed from 1 March onwards, and a coupon reset re-fixed).
+The demo prints what a report at the first load's system time showed next to what is known now,
+what changed between them, and one key's full history. Re-running it reloads nothing (the file
+ledger) and prints the same report.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from chronolake.batch_compat.load import LoadReport
+from chronolake.iceberg.temporal import format_micros
+from chronolake.lake import Dataset, Lake
+from chronolake.output import text
+
+INDICES = {"STOXX50": Decimal("4521.65"), "SMI": Decimal("11137.79"), "NIKKEI225": Decimal("33464.17")}
+BONDS = {
+    "CH0224397213": ("1.500000", "2024-01-15"),
+    "US91282CJL54": ("4.375000", "2024-02-15"),
+    "DE0001102580": ("2.100000", "2024-03-15"),
+}
+REPORT_DAY = "2024-03-15"
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def _trading_days(start: date, end: date) -> list[date]:
+    days = []
+    day = start
+    while day <= end:
+        if day.weekday() < 5:
+            days.append(day)
+        day += timedelta(days=1)
+    return days
+
+
+def _write_inputs(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Deterministic input files: (initial, corrections, restatement), each a list of files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(20240315)
+    days = _trading_days(date(2024, 1, 2), date(2024, 3, 28))
+    late_day = date(2024, 3, 15)  # this day's SMI level is missing from the first file
+    levels: dict[tuple[str, date], Decimal] = {}
+    rows = ["index_id,level,currency,valid_from,event_id"]
+    for index, start in INDICES.items():
+        level = start
+        for day in days:
+            level = (level * Decimal(1 + rng.gauss(0.0004, 0.009))).quantize(Decimal("0.01"))
+            levels[(index, day)] = level
+            if (index, day) == ("SMI", late_day):
+                continue
+            currency = {"STOXX50": "EUR", "SMI": "CHF", "NIKKEI225": "JPY"}[index]
+            rows.append(f"{index},{level},{currency},{day},{index}-{day}")
+    initial_levels = folder / "index_levels_2024Q1.csv"
+    initial_levels.write_text("\n".join(rows) + "\n")
+
+    coupons = ["isin,coupon_rate,payment_date,valid_from"]
+    for isin, (rate, paid) in BONDS.items():
+        coupons.append(f"{isin},{rate},{paid},2024-01-01")
+    initial_coupons = folder / "bond_coupons_2024Q1.csv"
+    initial_coupons.write_text("\n".join(coupons) + "\n")
+
+    # Late corrections: a fat-finger level fixed for one day only, and the missing SMI day.
+    fat_finger_day = date(2024, 3, 15)
+    fixed = levels[("STOXX50", fat_finger_day)] - Decimal("10.00")
+    corrections = folder / "index_levels_corrections.csv"
+    corrections.write_text(
+        "index_id,level,currency,valid_from,valid_to,event_id\n"
+        f"STOXX50,{fixed},EUR,{fat_finger_day},{fat_finger_day + timedelta(days=1)},fix-STOXX50-{fat_finger_day}\n"
+        f"SMI,{levels[('SMI', late_day)]},CHF,{late_day},{late_day + timedelta(days=1)},SMI-{late_day}\n"
+    )
+
+    # Restatement: NIKKEI225 levels from 1 March were computed with a stale divisor (0.4% too high).
+    restated = ["index_id,level,currency,valid_from,valid_to,event_id"]
+    for day in days:
+        if day >= date(2024, 3, 1):
+            value = (levels[("NIKKEI225", day)] / Decimal("1.004")).quantize(Decimal("0.01"))
+            restated.append(f"NIKKEI225,{value},JPY,{day},{day + timedelta(days=1)},restate-NIKKEI225-{day}")
+    restatement = folder / "index_levels_restatement.csv"
+    restatement.write_text("\n".join(restated) + "\n")
+    coupon_fix = folder / "bond_coupons_reset.csv"
+    coupon_fix.write_text(
+        "isin,coupon_rate,payment_date,valid_from\nDE0001102580,2.150000,2024-03-15,2024-03-01\n"
+    )
+    return [initial_levels, initial_coupons], [corrections], [restatement, coupon_fix]
+
+
+def _load(dataset: Dataset, files: list[Path]) -> int:
+    report: LoadReport = dataset.load(files, show_progress=False)
+    for file in report.files:
+        when = format_micros(file.loaded_at) if file.loaded_at is not None else "-"
+        detail = f"{file.applied} applied, {file.quarantined} quarantined" if file.status == "loaded" else file.status
+        console.print(f"  {dataset.name:<13} {file.path.rsplit('/', 1)[-1]:<32} {detail:<28} system time {when}")
+    times = [f.loaded_at for f in report.files if f.loaded_at is not None]
+    return max(times)
+
+
+def run_demo(home: Path | None = None) -> None:
+    lake = Lake(home)
+    console.print(f"[bold]chronolake demo[/bold]: lake at {lake.settings.home}")
+    levels = _ensure(lake, "index_levels", ["index_id"], {"level": "decimal(18,2)", "currency": "string"})
+    coupons = _ensure(lake, "bond_coupons", ["isin"], {"coupon_rate": "decimal(9,6)", "payment_date": "date"})
+    initial, corrections, restatement = _write_inputs(lake.settings.home / "demo-input")
+
+    console.print("\n[bold]1. End-of-day files for Q1 2024[/bold]")
+    reported_at = max(_load(levels, initial[:1]), _load(coupons, initial[1:]))
+    console.print("\n[bold]2. Late corrections[/bold]")
+    _load(levels, corrections)
+    console.print("\n[bold]3. Retroactive restatement[/bold]")
+    _load(levels, restatement[:1])
+    _load(coupons, restatement[1:])
+
+    console.print(f"\n[bold]What the {REPORT_DAY} report showed (known at {format_micros(reported_at)}) vs what is known now[/bold]")
+    table = Table("index", "level as reported", "level now", "", "version now valid from", "recorded at")
+    then = {r["index_id"]: r for r in levels.as_of(REPORT_DAY, reported_at).to_pylist()}
+    now = {r["index_id"]: r for r in levels.as_of(REPORT_DAY).to_pylist()}
+    for index in sorted(set(then) | set(now)):
+        before, after = then.get(index), now.get(index)
+        level_then = text(before["level"]) if before else "(none)"
+        level_now = text(after["level"]) if after else "(none)"
+        table.add_row(
+            index,
+            level_then,
+            level_now,
+            "[yellow]corrected[/yellow]" if level_then != level_now else "",
+            text(after["valid_from"]) if after else "",
+            text(after["system_from"]) if after else "",
+        )
+    for isin, row in {r["isin"]: r for r in coupons.as_of(REPORT_DAY).to_pylist()}.items():
+        old = {r["isin"]: r for r in coupons.as_of(REPORT_DAY, reported_at).to_pylist()}.get(isin)
+        changed = old is None or old["coupon_rate"] != row["coupon_rate"]
+        table.add_row(
+            isin,
+            text(old["coupon_rate"]) if old else "(none)",
+            text(row["coupon_rate"]),
+            "[yellow]corrected[/yellow]" if changed else "",
+            text(row["valid_from"]),
+            text(row["system_from"]),
+        )
+    console.print(table)
+
+    changes = levels.diff(reported_at)
+    console.print(f"\n[bold]Index levels changed since the report:[/bold] {changes.num_rows} valid ranges")
+    diff_table = Table("index", "valid from", "valid to", "change", "before", "after")
+    for row in changes.to_pylist()[:8]:
+        diff_table.add_row(
+            row["index_id"], text(row["valid_from"])[:10], text(row["valid_to"])[:10], row["change"],
+            text(row["level_before"]), text(row["level_after"]),
+        )
+    console.print(diff_table)
+    if changes.num_rows > 8:
+        console.print(f"  ... and {changes.num_rows - 8} more (chronolake diff index_levels --from {format_micros(reported_at)})")
+
+    console.print("\n[bold]History of STOXX50 around the corrected day[/bold]")
+    history = levels.history("STOXX50").to_pylist()
+    history_table = Table("valid_from", "valid_to", "level", "system_from", "system_to")
+    for row in history:
+        if "2024-03-14" <= text(row["valid_from"])[:10] <= "2024-03-18":
+            history_table.add_row(
+                text(row["valid_from"]), text(row["valid_to"]), text(row["level"]),
+                text(row["system_from"]), text(row["system_to"]),
+            )
+    console.print(history_table)
+    console.print(
+        f"\nReproduce the report any time: chronolake query index_levels --valid-at {REPORT_DAY} "
+        f"--known-at {format_micros(reported_at)}"
+    )
+
+
+def _ensure(lake: Lake, name: str, key: list[str], columns: dict[str, str]) -> Dataset:
+    if name in lake.datasets():
+        return lake.dataset(name)
+    return lake.create_dataset(name, key=key, columns=columns)
