@@ -17,12 +17,13 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from chronolake.batch_compat.readers import RawRecord, SourceFile, raw_text, read_records
-from chronolake.iceberg.algebra import Key, KeyState, KeyTransaction
+from chronolake.batch_compat.readers import ColumnMapping, RawRecord, SourceFile, raw_text, read_records
+from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction
+from chronolake.iceberg.exceptions import ConfigError, SystemTimeError
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.rows import RowBuilder
 from chronolake.iceberg.table import BitemporalTable, quarantine_schema
-from chronolake.iceberg.temporal import format_micros
+from chronolake.iceberg.temporal import PERIODS, TimestampError, add_period, format_micros, to_micros
 
 ALREADY_LOADED = "already loaded"
 REPEATED = "repeated in this load"
@@ -63,6 +64,9 @@ class LoadReport:
     versions_opened: int = 0
     versions_closed: int = 0
     seconds: float = 0.0
+    #: Transactions applied (1, or one per distinct time of a system-time column) and the first one's time.
+    transactions: int = 0
+    first_system_time: int | None = None
 
     @property
     def applied(self) -> int:
@@ -84,6 +88,8 @@ class LoadReport:
         return {
             "dataset": self.dataset,
             "system_time": None if self.system_time is None else format_micros(self.system_time),
+            "first_system_time": None if self.first_system_time is None else format_micros(self.first_system_time),
+            "transactions": self.transactions,
             "applied": self.applied,
             "quarantined": self.quarantined,
             "duplicates": self.duplicates,
@@ -122,13 +128,37 @@ class _Phases:
         return lambda n: self._progress.advance(task, n)
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a load assigns system time and reads its files' columns.
+
+    ``system_time``: apply the whole load as one transaction at this (past) time.
+    ``mapping.system_time``: a column of per-row system times; each distinct time is one transaction,
+    applied in ascending order (a backfill of known history). ``period``: rows without ``valid_to``
+    cover ``[valid_from, valid_from + period)`` (day, week, month, quarter, year).
+    """
+
+    system_time: int | None = None
+    mapping: ColumnMapping = field(default_factory=ColumnMapping)
+    period: str | None = None
+
+
 def load_files(
     table: BitemporalTable,
     paths: Sequence[str | Path],
     *,
+    options: LoadOptions | None = None,
     show_progress: bool = False,
 ) -> LoadReport:
-    """Load files (in the order given) as one transaction; returns what happened to each file."""
+    """Load files (in the order given); returns what happened to each file.
+
+    Everything is committed in one atomic append, or, when anything is refused, nothing is.
+    """
+    options = options or LoadOptions()
+    if options.system_time is not None and options.mapping.system_time is not None:
+        raise ConfigError("give either a system time or a system-time column, not both")
+    if options.period is not None and options.period not in PERIODS:
+        raise ConfigError(f"unknown period {options.period!r}; one of {', '.join(PERIODS)}")
     started = time.perf_counter()
     spec = table.spec
     sources = [SourceFile.detect(p) for p in paths]
@@ -153,79 +183,177 @@ def load_files(
             report.seconds = time.perf_counter() - started
             return report
 
-        t = table.next_system_time()
-        parser = AssertionParser(spec)
-        states: dict[Key, KeyState] = {}
-        if table.table.current_snapshot() is not None:
-            states = table.load_state(sorted(_keys(to_load, parser, phases), key=repr))
-
-        transactions: dict[Key, KeyTransaction] = {}
-        quarantine: list[tuple[str, str, int, str, str | None]] = []
-        for source, file_report in to_load:
-            advance = phases.phase(f"loading {source.path.name}", source.size)
-            for batch in read_records(source, spec, advance):
-                file_report.rows += len(batch)
-                for raw in batch:
-                    reason = _apply(raw, parser, states, transactions, t)
-                    if reason is DUPLICATE:
-                        file_report.duplicates += 1
-                    elif reason is not None:
-                        text = raw.raw if raw.record is None else raw_text(raw.record)
-                        quarantine.append((str(source.path), file_report.sha256, raw.line, reason, text))
-                        file_report.quarantined += 1
-            file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
-
-        builder = RowBuilder(spec)
-        for key, transaction in transactions.items():
-            change = transaction.finish()
-            report.versions_opened += len(change.opened)
-            report.versions_closed += len(change.closed)
-            builder.add_change(key, change, t)
-        for _, file_report in to_load:
-            builder.add_file(file_report.sha256, t)
-            file_report.loaded_at = t
-        table.commit(builder, t, "load", _quarantine_table(quarantine, t))
-    report.system_time = t
+        run = _Run(table, options, phases, report)
+        if options.mapping.system_time is None:
+            run.single_transaction(to_load)
+        else:
+            run.backfill(to_load)
     report.seconds = time.perf_counter() - started
     return report
 
 
+class _Run:
+    """One load's work: parsing, applying, and the single commit."""
+
+    def __init__(self, table: BitemporalTable, options: LoadOptions, phases: _Phases, report: LoadReport) -> None:
+        self.table = table
+        self.options = options
+        self.phases = phases
+        self.report = report
+        self.parser = AssertionParser(table.spec)
+        self.builder = RowBuilder(table.spec)
+        self.quarantine: list[tuple[str, str, int, str, str | None]] = []
+        self.latest = table.stable_system_time()
+
+    def _check_forward(self, earliest: int, what: str) -> None:
+        if self.latest is not None and earliest <= self.latest:
+            raise SystemTimeError(
+                f"{what} {format_micros(earliest)} is not after the latest system time of {self.table.spec.name!r} "
+                f"({format_micros(self.latest)}); transaction time is never rewritten, nothing was written"
+            )
+        now = time.time_ns() // 1_000
+        if earliest > now:
+            raise SystemTimeError(f"{what} {format_micros(earliest)} is in the future; nothing was written")
+
+    def _assertion(self, raw: RawRecord) -> Assertion | str:
+        if raw.record is None:
+            return raw.problem or "unreadable row"
+        try:
+            assertion = self.parser.parse(raw.record)
+        except InvalidAssertion as error:
+            return str(error)
+        if self.options.period is not None and assertion.valid_to is None:
+            assertion = assertion._replace(valid_to=add_period(assertion.valid_from, self.options.period))
+        return assertion
+
+    def _reject(self, source: SourceFile, file_report: FileReport, raw: RawRecord, reason: str) -> None:
+        text = raw.raw if raw.record is None else raw_text(raw.record)
+        self.quarantine.append((str(source.path), file_report.sha256, raw.line, reason, text))
+        file_report.quarantined += 1
+
+    def single_transaction(self, to_load: list[tuple[SourceFile, FileReport]]) -> None:
+        if self.options.system_time is not None:
+            t = self.options.system_time
+            self._check_forward(t, "system time")
+        else:
+            t = self.table.next_system_time()
+        states: dict[Key, KeyState] = {}
+        if self.latest is not None:
+            states = self.table.load_state(sorted(self._keys(to_load), key=repr))
+        transactions: dict[Key, KeyTransaction] = {}
+        for source, file_report in to_load:
+            advance = self.phases.phase(f"loading {source.path.name}", source.size)
+            for batch in read_records(source, self.table.spec, advance, self.options.mapping):
+                file_report.rows += len(batch)
+                for raw in batch:
+                    assertion = self._assertion(raw)
+                    outcome = assertion if isinstance(assertion, str) else _apply(assertion, states, transactions, t)
+                    if outcome is DUPLICATE:
+                        file_report.duplicates += 1
+                    elif outcome is not None:
+                        self._reject(source, file_report, raw, outcome)
+            file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
+        self._finish_group(transactions, t)
+        self._commit(to_load, t, groups=1)
+
+    def backfill(self, to_load: list[tuple[SourceFile, FileReport]]) -> None:
+        column = self.options.mapping.system_time
+        assert column is not None
+        entries: list[tuple[int, int, Assertion, int, RawRecord]] = []
+        for index, (source, file_report) in enumerate(to_load):
+            advance = self.phases.phase(f"reading {source.path.name}", source.size)
+            for batch in read_records(source, self.table.spec, advance, self.options.mapping):
+                file_report.rows += len(batch)
+                for raw in batch:
+                    t = None if raw.record is None else self._system_time(source, raw, column)
+                    assertion = self._assertion(raw)
+                    if isinstance(assertion, str) or t is None:
+                        self._reject(source, file_report, raw, assertion if isinstance(assertion, str) else "unreadable row")
+                        continue
+                    entries.append((t, len(entries), assertion, index, raw))
+        if not entries:
+            raise SystemTimeError(f"no row of {', '.join(str(s.path) for s, _ in to_load)} could be applied; nothing was written")
+        entries.sort(key=lambda e: (e[0], e[1]))
+        self._check_forward(entries[0][0], "earliest system time")
+        states = self.table.load_state(sorted({e[2].key for e in entries}, key=repr)) if self.latest is not None else {}
+        groups = sorted({e[0] for e in entries})
+        advance = self.phases.phase(f"applying {len(groups)} transactions", len(groups))
+        position = 0
+        for t in groups:
+            transactions: dict[Key, KeyTransaction] = {}
+            while position < len(entries) and entries[position][0] == t:
+                _, _, assertion, index, raw = entries[position]
+                source, file_report = to_load[index]
+                outcome = _apply(assertion, states, transactions, t)
+                if outcome is DUPLICATE:
+                    file_report.duplicates += 1
+                elif outcome is not None:
+                    self._reject(source, file_report, raw, outcome)
+                position += 1
+            self._finish_group(transactions, t)
+            advance(1)
+        for _, file_report in to_load:
+            file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
+        self._commit(to_load, groups[-1], groups=len(groups), first=groups[0])
+
+    def _system_time(self, source: SourceFile, raw: RawRecord, column: str) -> int:
+        assert raw.record is not None
+        value = raw.record.pop(column, None)
+        try:
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise TimestampError("missing")
+            return to_micros(value)
+        except (TimestampError, ValueError, OverflowError):
+            raise SystemTimeError(
+                f"{source.path}:{raw.line}: system-time column {column!r} has no valid timestamp ({value!r}); "
+                "nothing was written"
+            ) from None
+
+    def _finish_group(self, transactions: dict[Key, KeyTransaction], t: int) -> None:
+        for key, transaction in transactions.items():
+            change = transaction.finish()
+            self.report.versions_opened += len(change.opened)
+            self.report.versions_closed += len(change.closed)
+            self.builder.add_change(key, change, t)
+
+    def _commit(self, to_load: list[tuple[SourceFile, FileReport]], t: int, *, groups: int, first: int | None = None) -> None:
+        for _, file_report in to_load:
+            self.builder.add_file(file_report.sha256, t)
+            file_report.loaded_at = t
+        self.table.commit(self.builder, t, "load", _quarantine_table(self.quarantine, t))
+        self.report.system_time = t
+        self.report.first_system_time = first if first is not None else t
+        self.report.transactions = groups
+
+    def _keys(self, to_load: list[tuple[SourceFile, FileReport]]) -> set[Key]:
+        keys: set[Key] = set()
+        for source, _ in to_load:
+            advance = self.phases.phase(f"reading keys of {source.path.name}", source.size)
+            for batch in read_records(source, self.table.spec, advance, self.options.mapping):
+                for raw in batch:
+                    if raw.record is not None:
+                        try:
+                            keys.add(self.parser.parse_key(raw.record))
+                        except InvalidAssertion:
+                            pass
+        return keys
+
+
 def _apply(
-    raw: RawRecord,
-    parser: AssertionParser,
-    states: dict[Key, KeyState],
-    transactions: dict[Key, KeyTransaction],
-    t: int,
+    assertion: Assertion, states: dict[Key, KeyState], transactions: dict[Key, KeyTransaction], t: int
 ) -> str | None:
-    if raw.record is None:
-        return raw.problem or "unreadable row"
-    try:
-        assertion = parser.parse(raw.record)
-    except InvalidAssertion as error:
-        return str(error)
     transaction = transactions.get(assertion.key)
     if transaction is None:
-        state = states.pop(assertion.key, None) or KeyState()
+        # The key's state outlives this transaction: a backfill's later transactions continue from it.
+        state = states.get(assertion.key)
+        if state is None:
+            state = states[assertion.key] = KeyState()
         transaction = transactions[assertion.key] = KeyTransaction(state, t)
     before = transaction.duplicates
     reason = transaction.apply(assertion)
     if reason is None and transaction.duplicates != before:
         return DUPLICATE
     return reason
-
-
-def _keys(to_load: list[tuple[SourceFile, FileReport]], parser: AssertionParser, phases: _Phases) -> set[Key]:
-    keys: set[Key] = set()
-    for source, _ in to_load:
-        advance = phases.phase(f"reading keys of {source.path.name}", source.size)
-        for batch in read_records(source, parser.spec, advance):
-            for raw in batch:
-                if raw.record is not None:
-                    try:
-                        keys.add(parser.parse_key(raw.record))
-                    except InvalidAssertion:
-                        pass
-    return keys
 
 
 def _quarantine_table(rows: list[tuple[str, str, int, str, str | None]], t: int) -> pa.Table:

@@ -31,6 +31,26 @@ _RAW_LIMIT = 2_000
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
+@dataclass(frozen=True)
+class ColumnMapping:
+    """How a file's columns map onto assertion fields, for files not written in chronolake's own terms."""
+
+    valid_from: str = "valid_from"
+    valid_to: str = "valid_to"
+    #: A column holding each row's system time (a backfill); kept in the record under its own name.
+    system_time: str | None = None
+
+    @property
+    def renames(self) -> dict[str, str]:
+        return {k: v for k, v in ((self.valid_from, "valid_from"), (self.valid_to, "valid_to")) if k != v}
+
+    def fields(self, spec: DatasetSpec) -> set[str]:
+        names = {*spec.key_names, *spec.payload_names, "valid_from", "valid_to", "op", "event_id"}
+        if self.system_time is not None:
+            names.add(self.system_time)
+        return names
+
+
 class RawRecord(NamedTuple):
     line: int
     record: dict[str, Any] | None  # None when the row could not be split into fields
@@ -112,45 +132,57 @@ def _reason(error: BaseException) -> str:
     return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
-def check_columns(source: SourceFile, names: list[str], spec: DatasetSpec, *, strict_payload: bool) -> None:
-    known = {*spec.key_names, *spec.payload_names, "valid_from", "valid_to", "op", "event_id"}
+def check_columns(source: SourceFile, names: list[str], spec: DatasetSpec, mapping: ColumnMapping) -> None:
+    """Header check on the file's names after ``mapping`` renamed them."""
+    known = mapping.fields(spec)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UnreadableFile(f"{source.path}: unknown column(s) {', '.join(unknown)} for dataset {spec.name!r}")
-    required = [*spec.key_names, "valid_from"] + (spec.payload_names if strict_payload else [])
+    required = [*spec.key_names, "valid_from", *spec.payload_names]
+    if mapping.system_time is not None:
+        required.append(mapping.system_time)
     missing = [n for n in required if n not in names]
     if missing:
-        raise UnreadableFile(f"{source.path}: missing column(s) {', '.join(missing)}")
+        shown = [mapping.valid_from if n == "valid_from" else n for n in missing]
+        raise UnreadableFile(f"{source.path}: missing column(s) {', '.join(shown)}")
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise UnreadableFile(f"{source.path}: duplicated column(s) {', '.join(duplicated)}")
 
 
 def read_records(
-    source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None = None
+    source: SourceFile,
+    spec: DatasetSpec,
+    on_bytes: Callable[[int], None] | None = None,
+    mapping: ColumnMapping | None = None,
 ) -> Iterator[list[RawRecord]]:
     """Batches of raw records in file order, with their line numbers (header = line 1 for CSV)."""
+    mapping = mapping or ColumnMapping()
     try:
         if source.format == "csv":
-            yield from _csv(source, spec, on_bytes)
+            yield from _csv(source, spec, on_bytes, mapping)
         elif source.format == "jsonl":
-            yield from _jsonl(source, spec, on_bytes)
+            yield from _jsonl(source, spec, on_bytes, mapping)
         else:
-            yield from _parquet(source, spec, on_bytes)
+            yield from _parquet(source, spec, on_bytes, mapping)
     except UnreadableFile:
         raise
     except (OSError, EOFError, zlib.error, pa.ArrowException, UnicodeDecodeError) as error:
         raise UnreadableFile(f"{source.path}: cannot read {source.format} ({_reason(error)})") from None
 
 
-def _csv(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None) -> Iterator[list[RawRecord]]:
+def _csv(
+    source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None, mapping: ColumnMapping
+) -> Iterator[list[RawRecord]]:
     with source.open() as peek:
         first = peek.readline().decode("utf-8-sig")
     header = next(csv.reader([first]), [])
     header = [name.strip() for name in header]
     if not header:
         raise UnreadableFile(f"{source.path}: empty file (expected a header row)")
-    check_columns(source, header, spec, strict_payload=True)
+    renames = mapping.renames
+    fields = [renames.get(name, name) for name in header]
+    check_columns(source, fields, spec, mapping)
 
     bad_rows: list[tuple[int, str, str]] = []
 
@@ -178,7 +210,7 @@ def _csv(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] 
         for batch in reader:
             records: list[RawRecord] = []
             columns = [column.to_pylist() for column in batch.columns]
-            names = batch.schema.names
+            names = fields
             bad_lines = {number for number, _, _ in bad_rows if number > 0}
             for number, problem, text in bad_rows:
                 records.append(RawRecord(number, None, f"malformed CSV row: {problem}", _clip(text)))
@@ -191,8 +223,11 @@ def _csv(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] 
             yield records
 
 
-def _jsonl(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None) -> Iterator[list[RawRecord]]:
-    known = {*spec.key_names, *spec.payload_names, "valid_from", "valid_to", "op", "event_id"}
+def _jsonl(
+    source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None, mapping: ColumnMapping
+) -> Iterator[list[RawRecord]]:
+    known = mapping.fields(spec)
+    renames = mapping.renames
     batch: list[RawRecord] = []
     with source.open(on_bytes) as stream:
         for number, raw_line in enumerate(stream, start=1):
@@ -204,6 +239,8 @@ def _jsonl(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 batch.append(RawRecord(number, None, f"broken JSON: {_reason(error)}", _clip(text)))
             else:
+                if renames and isinstance(record, dict):
+                    record = {renames.get(k, k): v for k, v in record.items()}
                 if not isinstance(record, dict):
                     batch.append(RawRecord(number, None, "not a JSON object", _clip(text)))
                 elif unknown := [k for k in record if k not in known]:
@@ -217,15 +254,18 @@ def _jsonl(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None
         yield batch
 
 
-def _parquet(source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None) -> Iterator[list[RawRecord]]:
+def _parquet(
+    source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None, mapping: ColumnMapping
+) -> Iterator[list[RawRecord]]:
     if source.compressed:
         with source.open() as stream:
             handle: Any = io.BytesIO(stream.read())
     else:
         handle = str(source.path)
     parquet = pq.ParquetFile(handle)
-    names = parquet.schema_arrow.names
-    check_columns(source, names, spec, strict_payload=True)
+    renames = mapping.renames
+    names = [renames.get(n, n) for n in parquet.schema_arrow.names]
+    check_columns(source, names, spec, mapping)
     row = 0
     total = max(parquet.metadata.num_rows, 1)
     size = source.size

@@ -98,10 +98,35 @@ def load(
     files: Annotated[list[Path], typer.Argument(help="CSV, JSONL or Parquet files, optionally .gz, in order.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the outcome.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    system_time: Annotated[
+        Optional[str], typer.Option("--system-time", help="Backfill: apply the load at this known past system time.")
+    ] = None,
+    system_time_column: Annotated[
+        Optional[str],
+        typer.Option("--system-time-column", help="Backfill: one transaction per distinct value of this column, ascending."),
+    ] = None,
+    valid_from_column: Annotated[
+        Optional[str], typer.Option("--valid-from-column", help="The file's column holding valid_from.")
+    ] = None,
+    valid_to_column: Annotated[
+        Optional[str], typer.Option("--valid-to-column", help="The file's column holding valid_to.")
+    ] = None,
+    period: Annotated[
+        Optional[str],
+        typer.Option("--period", help="Rows without valid_to cover one period: day, week, month, quarter or year."),
+    ] = None,
 ) -> None:
-    """Load assertion files into a dataset as one transaction (one system time)."""
+    """Load assertion files into a dataset in one atomic commit (one transaction, or one per system time)."""
     dataset = _dataset(name)
-    report = dataset.load(files, show_progress=not quiet and sys.stderr.isatty())
+    report = dataset.load(
+        files,
+        system_time=system_time,
+        system_time_column=system_time_column,
+        valid_from_column=valid_from_column,
+        valid_to_column=valid_to_column,
+        period=period,
+        show_progress=not quiet and sys.stderr.isatty(),
+    )
     if as_json:
         typer.echo(json.dumps(report.to_json()))
         return
@@ -116,6 +141,11 @@ def load(
         typer.echo("nothing to load: every file is already in the ledger")
         return
     rate = report.rows / report.seconds if report.seconds else 0.0
+    if report.transactions > 1 and report.first_system_time is not None:
+        typer.echo(
+            f"{report.transactions} transactions from {format_micros(report.first_system_time)} "
+            f"to {format_micros(report.system_time)}"
+        )
     typer.echo(
         f"committed at system time {format_micros(report.system_time)}: {report.versions_opened} versions opened, "
         f"{report.versions_closed} closed ({report.rows} rows in {report.seconds:.2f}s, {rate:,.0f} rows/s)"

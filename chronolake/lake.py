@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.expressions import And, EqualTo, GreaterThan, In, LessThanOrEqual, Or
 
-from chronolake.batch_compat.load import LoadReport, load_files
+from chronolake.batch_compat.load import LoadOptions, LoadReport, load_files
+from chronolake.batch_compat.readers import ColumnMapping
 from chronolake.iceberg import queries
 from chronolake.iceberg.catalog import open_catalog
 from chronolake.iceberg.config import LakeSettings, load_declarations
@@ -119,10 +120,40 @@ class Dataset:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def load(self, paths: Sequence[str | Path], *, show_progress: bool = False) -> LoadReport:
-        """Load assertion files as one transaction (see :func:`chronolake.batch_compat.load.load_files`)."""
+    def load(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        system_time: TimeLike | None = None,
+        system_time_column: str | None = None,
+        valid_from_column: str | None = None,
+        valid_to_column: str | None = None,
+        period: str | None = None,
+        show_progress: bool = False,
+    ) -> LoadReport:
+        """Load assertion files in one atomic commit.
+
+        By default the load is one transaction at the current time. ``system_time`` backdates it to a
+        known time; ``system_time_column`` makes each distinct value of that column one transaction,
+        in ascending order (a backfill of known history). Either must be later than the dataset's
+        latest system time. ``valid_from_column``/``valid_to_column`` name the file's columns for the
+        valid-time bounds; ``period`` (day, week, month, quarter, year) gives rows without a
+        ``valid_to`` the range ``[valid_from, valid_from + period)``.
+        """
+        if valid_to_column is not None and period is not None:
+            raise ConfigError("give either a valid-to column or a period, not both")
+        mapping = ColumnMapping(
+            valid_from=valid_from_column or VALID_FROM,
+            valid_to=valid_to_column or VALID_TO,
+            system_time=system_time_column,
+        )
+        options = LoadOptions(
+            system_time=None if system_time is None else micros(system_time, "system time"),
+            mapping=mapping,
+            period=period,
+        )
         self.table.refresh()
-        return load_files(self.table, paths, show_progress=show_progress)
+        return load_files(self.table, paths, options=options, show_progress=show_progress)
 
     # -- reading ---------------------------------------------------------------------------------
 

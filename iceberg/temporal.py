@@ -5,6 +5,7 @@ Pure Python (stdlib only): the Flink job and the tools share it.
 
 from __future__ import annotations
 
+import calendar
 from datetime import date, datetime, timedelta, timezone
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -67,3 +68,22 @@ def datetime_from_micros(micros: int) -> datetime:
 def format_micros(micros: int) -> str:
     """ISO-8601 UTC with exactly six fractional digits, so the text round-trips through ``--known-at``."""
     return datetime_from_micros(micros).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+PERIODS = ("day", "week", "month", "quarter", "year")
+_MONTHS = {"month": 1, "quarter": 3, "year": 12}
+
+
+def add_period(micros: int, period: str) -> int:
+    """The end of a periodic observation starting at ``micros`` (calendar months, clamped to month end)."""
+    if period == "day":
+        return micros + 86_400_000_000
+    if period == "week":
+        return micros + 7 * 86_400_000_000
+    if period not in _MONTHS:
+        raise ValueError(f"unknown period {period!r}; one of {', '.join(PERIODS)}")
+    start = datetime_from_micros(micros)
+    month_index = start.month - 1 + _MONTHS[period]
+    year, month = start.year + month_index // 12, month_index % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return micros_from_datetime(start.replace(year=year, month=month, day=day))
