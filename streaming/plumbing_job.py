@@ -1,0 +1,229 @@
+"""Plumbing job: Kafka -> Python (thread mode, RocksDB keyed state) -> Iceberg, on a mini-cluster.
+
+Not the bitemporal job. It proves the runtime pieces the real job stands on fit together:
+the Kafka table source with its metadata columns (partition, offset, log timestamp and its type),
+Table <-> DataStream conversion, Python functions in thread mode, keyed state in RocksDB with
+incremental checkpoints, and the Iceberg Flink sink appending per checkpoint to a table that the
+Python tools created in the shared SQLite JDBC catalog.
+
+Runs by path in the job venv (`.venv/job/bin/python streaming/plumbing_job.py ...`), which does
+not have chronolake installed, so it imports only the standard library and PyFlink. Launch it
+through `chronolake.streaming.runtime.JobRuntime`, which sets `PYTHONPATH` and the classpath.
+
+Each Kafka record value is a JSON object with `key` (string) and `seq` (integer). Each output row
+carries it with its Kafka coordinates and a per-partition system time
+`max(log time, previous system time of the partition + 1 us)`, kept in keyed state.
+
+Thread mode hands Python only what PEMJA converts: strings, numbers, booleans, bytes and rows,
+arrays and maps of them. A TIMESTAMP arrives as an opaque `pemja.PyJObject`, so timestamps cross
+the Python boundary as epoch milliseconds (in) and as `yyyy-MM-dd HH:mm:ss.ffffff` UTC strings
+(out, because Flink 1.20's `TO_TIMESTAMP_LTZ` accepts only precision 0 or 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from collections.abc import Iterable
+
+from pyflink.common import Configuration, Row, Types
+from pyflink.datastream import KeyedProcessFunction, RuntimeContext, StreamExecutionEnvironment
+from pyflink.datastream.state import ValueState, ValueStateDescriptor
+from pyflink.table import StreamTableEnvironment
+
+CATALOG = "chronolake"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Flink casts this layout to TIMESTAMP(6) exactly; the session time zone (UTC) makes it an instant.
+SQL_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+PARSED = Types.ROW_NAMED(
+    ["entity_key", "event_seq", "payload", "kafka_partition", "kafka_offset", "log_time_ms", "log_time_type"],
+    [Types.STRING(), Types.LONG(), Types.STRING(), Types.INT(), Types.LONG(), Types.LONG(), Types.STRING()],
+)
+STAMPED = Types.ROW_NAMED(
+    [*PARSED.get_field_names(), "system_from"],
+    [*PARSED.get_field_types(), Types.STRING()],
+)
+
+
+def catalog_properties(home: Path) -> dict[str, str]:
+    """Iceberg's JdbcCatalog on the same SQLite file pyiceberg's SqlCatalog uses.
+
+    `jdbc.schema-version=V1`: pyiceberg (0.12) creates `iceberg_tables` with the V1 column
+    `iceberg_type`; in V1 mode Java writes it too and treats NULL as a table, so either side can
+    create tables the other sees. The warehouse must be an absolute `file://` URI in both.
+    """
+    home = home.resolve()
+    return {
+        "type": "iceberg",
+        "catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
+        "uri": f"jdbc:sqlite:{home / 'catalog.db'}",
+        "warehouse": f"file://{home / 'warehouse'}",
+        "jdbc.schema-version": "V1",
+        # `jdbc.*` properties reach the SQLite driver as connection properties. WAL lets the
+        # tools read the catalog while the committer writes it (with the default rollback
+        # journal a reader's shared lock fails the commit with SQLITE_BUSY); busy_timeout makes
+        # two writers wait for each other instead of failing after sqlite-jdbc's default 3 s.
+        "jdbc.journal_mode": "WAL",
+        "jdbc.busy_timeout": "30000",
+        # The Flink catalog's default database must exist for `USE CATALOG`; we never use it.
+        "default-database": "default",
+    }
+
+
+def _with_clause(props: dict[str, str]) -> str:
+    return ", ".join(f"'{k}' = '{v}'" for k, v in props.items())
+
+
+def parse_record(row: Row) -> Row:
+    """Kafka value bytes plus metadata -> one typed row (malformed input fails the job here)."""
+    # Positional: rows coming out of `to_data_stream` in thread mode carry no field names.
+    payload, partition, offset, log_time_ms, log_time_type = row
+    value = json.loads(payload)
+    return Row(
+        str(value["key"]),
+        int(value["seq"]),
+        payload,
+        int(partition),
+        int(offset),
+        int(log_time_ms),
+        str(log_time_type),
+    )
+
+
+class PartitionSystemTime(KeyedProcessFunction):  # type: ignore[misc]
+    """Keyed by Kafka partition: system time moves forward by at least 1 us per record."""
+
+    def __init__(self) -> None:
+        self.last_us: ValueState | None = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.last_us = runtime_context.get_state(ValueStateDescriptor("last_system_time_us", Types.LONG()))
+
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
+        assert self.last_us is not None
+        previous = self.last_us.value()
+        t = value[5] * 1000  # log_time_ms; rows from Python operators lose field names too
+        if previous is not None:
+            t = max(t, previous + 1)
+        self.last_us.update(t)
+        yield Row(*value, (EPOCH + timedelta(microseconds=t)).strftime(SQL_TIMESTAMP_FORMAT))
+
+
+def build_configuration(args: argparse.Namespace) -> Configuration:
+    config = Configuration()
+    settings = {
+        "python.execution-mode": "thread",
+        # The embedded interpreter (thread mode) and the client must be the job venv's Python.
+        "python.executable": sys.executable,
+        "python.client.executable": sys.executable,
+        "state.backend.type": "rocksdb",
+        "execution.checkpointing.incremental": "true",
+        "execution.checkpointing.interval": f"{args.checkpoint_interval_ms} ms",
+        "execution.checkpointing.mode": "EXACTLY_ONCE",
+        "execution.checkpointing.dir": Path(args.checkpoint_dir).resolve().as_uri(),
+        "parallelism.default": str(args.parallelism),
+        "pipeline.max-parallelism": "128",
+        "table.local-time-zone": "UTC",
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": str(args.restart_attempts),
+        "restart-strategy.fixed-delay.delay": "1 s",
+    }
+    for key, value in settings.items():
+        config.set_string(key, value)
+    return config
+
+
+def run(args: argparse.Namespace) -> None:
+    env = StreamExecutionEnvironment.get_execution_environment(build_configuration(args))
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    t_env.execute_sql(
+        f"CREATE CATALOG {CATALOG} WITH ({_with_clause(catalog_properties(Path(args.home)))})"
+    )
+    source = {
+        "connector": "kafka",
+        "topic": args.topic,
+        "properties.bootstrap.servers": args.bootstrap_servers,
+        "properties.group.id": args.group_id,
+        "scan.startup.mode": "earliest-offset",
+        "format": "raw",
+    }
+    if args.stop_offsets:
+        source["scan.bounded.mode"] = "specific-offsets"
+        source["scan.bounded.specific-offsets"] = ";".join(
+            f"partition:{p},offset:{o}" for p, o in (part.split(":") for part in args.stop_offsets.split(","))
+        )
+    else:
+        source["scan.bounded.mode"] = "latest-offset"
+    t_env.execute_sql(
+        f"""
+        CREATE TEMPORARY TABLE kafka_source (
+            payload STRING,
+            kafka_partition INT METADATA FROM 'partition' VIRTUAL,
+            kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
+            log_time TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+            log_time_type STRING METADATA FROM 'timestamp-type' VIRTUAL
+        ) WITH ({_with_clause(source)})
+        """
+    )
+    records = t_env.to_data_stream(
+        t_env.sql_query(
+            """
+            SELECT payload, kafka_partition, kafka_offset,
+                   CAST(EXTRACT(EPOCH FROM log_time) AS BIGINT) * 1000
+                       + EXTRACT(MILLISECOND FROM log_time) AS log_time_ms,
+                   log_time_type
+            FROM kafka_source
+            """
+        )
+    )
+    parsed = records.map(parse_record, output_type=PARSED).uid("parse").name("parse")
+    stamped = (
+        parsed.key_by(lambda r: r[3], key_type=Types.INT())
+        .process(PartitionSystemTime(), output_type=STAMPED)
+        .uid("partition-system-time")
+        .name("partition-system-time")
+    )
+    t_env.create_temporary_view("stamped", t_env.from_data_stream(stamped))
+    result = t_env.execute_sql(
+        f"""
+        INSERT INTO {CATALOG}.{args.table}
+        SELECT entity_key, event_seq, payload, kafka_partition, kafka_offset,
+               TO_TIMESTAMP_LTZ(log_time_ms, 3), log_time_type,
+               CAST(CAST(system_from AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6))
+        FROM stamped
+        """
+    )
+    result.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--group-id", default="chronolake-plumbing")
+    parser.add_argument("--home", required=True, help="CHRONOLAKE_HOME: catalog.db and warehouse/")
+    parser.add_argument("--table", required=True, help="namespace.table, created beforehand")
+    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)
+    parser.add_argument("--parallelism", type=int, default=1)
+    parser.add_argument(
+        "--restart-attempts",
+        type=int,
+        default=0,
+        help="restarts from the last checkpoint before the job fails (tests want the failure)",
+    )
+    parser.add_argument(
+        "--stop-offsets",
+        default="",
+        help="partition:offset,... to stop at (exclusive); default: the latest offsets at start",
+    )
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
