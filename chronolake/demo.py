@@ -31,6 +31,7 @@ BONDS = {
     "DE0001102580": ("2.100000", "2024-03-15"),
 }
 REPORT_DAY = "2024-03-15"
+GDP_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "gdp_vintages.csv.gz"
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -176,6 +177,34 @@ def run_demo(home: Path | None = None) -> None:
         f"\nReproduce the report any time: chronolake query index_levels --valid-at {REPORT_DAY} "
         f"--known-at {format_micros(reported_at)}"
     )
+    _gdp(lake)
+
+
+def _gdp(lake: Lake) -> None:
+    """Real bitemporal data: GDP vintages backfilled at their publication dates."""
+    if not GDP_FILE.exists():
+        console.print(f"\n(skipping the GDP vintages walkthrough: {GDP_FILE} not found)")
+        return
+    console.print("\n[bold]4. Real data: quarterly GDP vintages 2002-2024, backfilled at their publication dates[/bold]")
+    gdp = _ensure(lake, "gdp", ["country"], {"real_gdp": "decimal(20,6)"})
+    report = gdp.load([GDP_FILE], system_time_column="published", valid_from_column="quarter", period="quarter")
+    file = report.files[0]
+    if file.status == "loaded":
+        console.print(f"  {file.rows} rows, {report.transactions} vintages, one atomic commit in {report.seconds:.2f}s")
+    else:
+        console.print(f"  {GDP_FILE.name}: {file.status}")
+    then = gdp.as_of("2008-10-01", "2009-03-31", keys=["US"]).to_pylist()[0]
+    now = gdp.as_of("2008-10-01", keys=["US"]).to_pylist()[0]
+    console.print(
+        f"  US real GDP for 2008 Q4 as known in March 2009: {text(then['real_gdp'])} "
+        f"(vintage {text(then['system_from'])[:10]}); as known today: {text(now['real_gdp'])} "
+        f"(vintage {text(now['system_from'])[:10]})"
+    )
+    revisions = [r for r in gdp.history("US").to_pylist() if text(r["valid_from"])[:10] == "2008-10-01"]
+    values = [text(r["real_gdp"]) for r in revisions]
+    distinct = [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+    console.print(f"  2008 Q4 was published {len(revisions)} times with {len(distinct)} distinct values: {', '.join(distinct)}")
+    console.print("  more: docs/backfill.md")
 
 
 def _ensure(lake: Lake, name: str, key: list[str], columns: dict[str, str]) -> Dataset:
