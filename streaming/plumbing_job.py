@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -40,8 +41,26 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SQL_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 PARSED = Types.ROW_NAMED(
-    ["entity_key", "event_seq", "payload", "kafka_partition", "kafka_offset", "log_time_ms", "log_time_type"],
-    [Types.STRING(), Types.LONG(), Types.STRING(), Types.INT(), Types.LONG(), Types.LONG(), Types.STRING()],
+    [
+        "entity_key",
+        "event_seq",
+        "payload",
+        "kafka_partition",
+        "kafka_offset",
+        "log_time_ms",
+        "log_time_type",
+        "udf_parent_pid",
+    ],
+    [
+        Types.STRING(),
+        Types.LONG(),
+        Types.STRING(),
+        Types.INT(),
+        Types.LONG(),
+        Types.LONG(),
+        Types.STRING(),
+        Types.INT(),
+    ],
 )
 STAMPED = Types.ROW_NAMED(
     [*PARSED.get_field_names(), "system_from"],
@@ -91,6 +110,9 @@ def parse_record(row: Row) -> Row:
         int(offset),
         int(log_time_ms),
         str(log_time_type),
+        # Evidence of thread mode: the function runs inside the gateway JVM, whose parent is this
+        # script's process. In process mode it would run in a Beam worker started by the JVM.
+        os.getppid(),
     )
 
 
@@ -194,7 +216,7 @@ def run(args: argparse.Namespace) -> None:
         INSERT INTO {CATALOG}.{args.table}
         SELECT entity_key, event_seq, payload, kafka_partition, kafka_offset,
                TO_TIMESTAMP_LTZ(log_time_ms, 3), log_time_type,
-               CAST(CAST(system_from AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6))
+               CAST(CAST(system_from AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6)), udf_parent_pid
         FROM stamped
         """
     )

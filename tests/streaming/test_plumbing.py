@@ -48,6 +48,7 @@ EVENTS_SCHEMA = Schema(
     NestedField(6, "log_time", TimestamptzType(), required=False),
     NestedField(7, "log_time_type", StringType(), required=False),
     NestedField(8, "system_from", TimestamptzType(), required=False),
+    NestedField(9, "udf_parent_pid", IntegerType(), required=False),
 )
 
 
@@ -143,6 +144,8 @@ def test_kafka_to_iceberg_through_pyflink_thread_mode(
     assert sorted(rows["event_seq"].to_pylist()) == list(range(total)), "every record exactly once"
     assert set(rows["log_time_type"].to_pylist()) == {LOG_APPEND_TIME}
     assert rows.schema.field("system_from").type == pa.timestamp("us", tz="UTC")
+    # Thread mode: the Python function ran inside the JVM that the job script started.
+    assert set(rows["udf_parent_pid"].to_pylist()) == {job.pid}
 
     # System time only moves forward within a partition, in offset order.
     by_partition: dict[int, list[object]] = {}
