@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,6 +39,8 @@ SECOND_WAVE = 100
 KEYS = 10
 # Readiness waits only; nothing asserts on how long anything took.
 JOB_TIMEOUT_S = 240.0
+# The Iceberg committer's checkpoint id for the commit it makes when a bounded input ends.
+END_OF_INPUT_CHECKPOINT_ID = 2**63 - 1
 
 EVENTS_SCHEMA = Schema(
     NestedField(1, "entity_key", StringType(), required=True),
@@ -147,15 +150,29 @@ def test_kafka_to_iceberg_through_pyflink_thread_mode(
     # Thread mode: the Python function ran inside the JVM that the job script started.
     assert set(rows["udf_parent_pid"].to_pylist()) == {job.pid}
 
-    # System time only moves forward within a partition, in offset order.
-    by_partition: dict[int, list[object]] = {}
-    for partition, system_from in zip(rows["kafka_partition"].to_pylist(), rows["system_from"].to_pylist()):
+    # System time only moves forward within a partition, in offset order, and never precedes
+    # the broker's log time.
+    by_partition: dict[int, list[datetime]] = {}
+    for partition, log_time, system_from in zip(
+        rows["kafka_partition"].to_pylist(),
+        rows["log_time"].to_pylist(),
+        rows["system_from"].to_pylist(),
+    ):
+        assert system_from >= log_time
         by_partition.setdefault(partition, []).append(system_from)
+    assert sorted(by_partition) == list(range(PARTITIONS))
     for times in by_partition.values():
         assert all(a < b for a, b in zip(times, times[1:]))
 
-    # Several Flink commits (one per completed checkpoint with data), all appends.
+    # One append per checkpoint with data: the first wave was committed by a real checkpoint
+    # (the test waited for it), the rest at the latest by the commit at end of input.
     snapshots = table.snapshots()
     assert len(snapshots) >= 2
-    assert all(s.summary is not None and s.summary.operation.value == "append" for s in snapshots)
-    assert all("flink.max-committed-checkpoint-id" in (s.summary or {}).additional_properties for s in snapshots)
+    summaries = [s.summary for s in snapshots]
+    assert all(summary is not None and summary.operation.value == "append" for summary in summaries)
+    checkpoint_ids = [
+        int(summary.additional_properties["flink.max-committed-checkpoint-id"])
+        for summary in summaries
+        if summary is not None
+    ]
+    assert checkpoint_ids[0] < END_OF_INPUT_CHECKPOINT_ID
