@@ -63,8 +63,8 @@ PARSED = Types.ROW_NAMED(
     ],
 )
 STAMPED = Types.ROW_NAMED(
-    [*PARSED.get_field_names(), "system_from"],
-    [*PARSED.get_field_types(), Types.STRING()],
+    [*PARSED.get_field_names(), "system_from", "partition_seq"],
+    [*PARSED.get_field_types(), Types.STRING(), Types.LONG()],
 )
 
 
@@ -117,22 +117,30 @@ def parse_record(row: Row) -> Row:
 
 
 class PartitionSystemTime(KeyedProcessFunction):  # type: ignore[misc]
-    """Keyed by Kafka partition: system time moves forward by at least 1 us per record."""
+    """Keyed by Kafka partition: system time moves forward by at least 1 us per record.
+
+    Also counts the partition's records, so a restore that lost this state would show in the
+    table as counts that no longer match the Kafka offsets.
+    """
 
     def __init__(self) -> None:
         self.last_us: ValueState | None = None
+        self.count: ValueState | None = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self.last_us = runtime_context.get_state(ValueStateDescriptor("last_system_time_us", Types.LONG()))
+        self.count = runtime_context.get_state(ValueStateDescriptor("records_seen", Types.LONG()))
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
-        assert self.last_us is not None
+        assert self.last_us is not None and self.count is not None
         previous = self.last_us.value()
-        t = value[5] * 1000  # log_time_ms; rows from Python operators lose field names too
+        t = value[5] * 1000  # log_time_ms; by position, see parse_record
         if previous is not None:
             t = max(t, previous + 1)
         self.last_us.update(t)
-        yield Row(*value, (EPOCH + timedelta(microseconds=t)).strftime(SQL_TIMESTAMP_FORMAT))
+        seen = (self.count.value() or 0) + 1
+        self.count.update(seen)
+        yield Row(*value, (EPOCH + timedelta(microseconds=t)).strftime(SQL_TIMESTAMP_FORMAT), seen)
 
 
 def build_configuration(args: argparse.Namespace) -> Configuration:
@@ -150,10 +158,14 @@ def build_configuration(args: argparse.Namespace) -> Configuration:
         "parallelism.default": str(args.parallelism),
         "pipeline.max-parallelism": "128",
         "table.local-time-zone": "UTC",
+        # Kept after a cancel or crash, so the job can be restarted from its latest checkpoint.
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "restart-strategy.type": "fixed-delay",
         "restart-strategy.fixed-delay.attempts": str(args.restart_attempts),
         "restart-strategy.fixed-delay.delay": "1 s",
     }
+    if args.restore_from:
+        settings["execution.state-recovery.path"] = Path(args.restore_from).resolve().as_uri()
     for key, value in settings.items():
         config.set_string(key, value)
     return config
@@ -216,7 +228,8 @@ def run(args: argparse.Namespace) -> None:
         INSERT INTO {CATALOG}.{args.table}
         SELECT entity_key, event_seq, payload, kafka_partition, kafka_offset,
                TO_TIMESTAMP_LTZ(log_time_ms, 3), log_time_type,
-               CAST(CAST(system_from AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6)), udf_parent_pid
+               CAST(CAST(system_from AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6)), udf_parent_pid,
+               partition_seq
         FROM stamped
         """
     )
@@ -239,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="restarts from the last checkpoint before the job fails (tests want the failure)",
     )
+    parser.add_argument("--restore-from", default="", help="a retained checkpoint (chk-N folder)")
     parser.add_argument(
         "--stop-offsets",
         default="",
