@@ -11,14 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from chronolake.batch_compat.readers import ColumnMapping, RawRecord, SourceFile, raw_text, read_records
-from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction
+from chronolake.batch_compat.columnar import ParsedRows, _by_distinct, parse_batch, parse_keys
+from chronolake.batch_compat.readers import ColumnMapping, RawBatch, SourceFile, raw_text, read_records
+from chronolake.iceberg.algebra import UPSERT, Assertion, Key, KeyState, KeyTransaction
 from chronolake.iceberg.exceptions import ConfigError, SystemTimeError
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.rows import RowBuilder
@@ -204,6 +205,7 @@ class _Run:
         self.builder = RowBuilder(table.spec)
         self.quarantine: list[tuple[str, str, int, str, str | None]] = []
         self.latest = table.stable_system_time()
+        self._period_ends: dict[int, int] = {}
 
     def _check_forward(self, earliest: int, what: str) -> None:
         if self.latest is not None and earliest <= self.latest:
@@ -215,21 +217,77 @@ class _Run:
         if earliest > now:
             raise SystemTimeError(f"{what} {format_micros(earliest)} is in the future; nothing was written")
 
-    def _assertion(self, raw: RawRecord) -> Assertion | str:
-        if raw.record is None:
-            return raw.problem or "unreadable row"
-        try:
-            assertion = self.parser.parse(raw.record)
-        except InvalidAssertion as error:
-            return str(error)
-        if self.options.period is not None and assertion.valid_to is None:
-            assertion = assertion._replace(valid_to=add_period(assertion.valid_from, self.options.period))
-        return assertion
+    def _rows(self, source: SourceFile, raw: RawBatch) -> _Rows:
+        """A batch as parallel lists (lines, parsed fields, system times) with raw text for rejects."""
+        column = self.options.mapping.system_time
+        lines = list(raw.lines)
+        system_times: list[int | None] = []
+        texts: Callable[[int], str | None]
+        if raw.table is not None:
+            table = raw.table
+            if column is not None:
+                names = table.schema.names
+                times, problems = _by_distinct(table.column(names.index(column)), self._system_time_value)
+                if problems is not None:
+                    index = next(i for i, p in enumerate(problems) if p is not None)
+                    raise SystemTimeError(f"{source.path}:{lines[index]}: {problems[index]}; nothing was written")
+                system_times = times
+                table = table.drop_columns([column])
+            parsed = parse_batch(self.parser, table)
 
-    def _reject(self, source: SourceFile, file_report: FileReport, raw: RawRecord, reason: str) -> None:
-        text = raw.raw if raw.record is None else raw_text(raw.record)
-        self.quarantine.append((str(source.path), file_report.sha256, raw.line, reason, text))
+            def texts(i: int) -> str | None:
+                return raw_text(table.slice(i, 1).to_pylist()[0])
+
+        else:
+            parsed = ParsedRows([], [], [], [], [], [], [])
+            records: list[dict[str, Any]] = []
+            for record in raw.records:
+                if record.record is None:
+                    continue
+                lines.append(record.line)
+                if column is not None:
+                    try:
+                        system_times.append(self._system_time_value(record.record.pop(column, None)))
+                    except InvalidAssertion as error:
+                        raise SystemTimeError(f"{source.path}:{record.line}: {error}; nothing was written") from None
+                records.append(record.record)
+                try:
+                    a = self.parser.parse(record.record)
+                except InvalidAssertion as error:
+                    _append(parsed, (), UPSERT, 0, None, (), None, str(error))
+                else:
+                    _append(parsed, a.key, a.op, a.valid_from, a.valid_to, a.payload, a.event_id, None)
+
+            def texts(i: int) -> str | None:
+                return raw_text(records[i])
+
+        return _Rows(lines, parsed, system_times, texts)
+
+    def _system_time_value(self, value: Any) -> int:
+        column = self.options.mapping.system_time
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise InvalidAssertion(f"system-time column {column!r} has no value")
+        try:
+            return to_micros(value)
+        except (TimestampError, ValueError, OverflowError):
+            raise InvalidAssertion(f"system-time column {column!r} has no valid timestamp ({value!r})") from None
+
+    def _malformed(self, source: SourceFile, file_report: FileReport, raw: RawBatch) -> None:
+        for record in raw.records:
+            if record.record is None:
+                self._reject(source, file_report, record.line, record.problem or "unreadable row", record.raw)
+
+    def _reject(self, source: SourceFile, file_report: FileReport, line: int, reason: str, text: str | None) -> None:
+        self.quarantine.append((str(source.path), file_report.sha256, line, reason, text))
         file_report.quarantined += 1
+
+    def _valid_to(self, valid_from: int, valid_to: int | None) -> int | None:
+        if valid_to is None and self.options.period is not None:
+            end = self._period_ends.get(valid_from)
+            if end is None:
+                end = self._period_ends[valid_from] = add_period(valid_from, self.options.period)
+            return end
+        return valid_to
 
     def single_transaction(self, to_load: list[tuple[SourceFile, FileReport]]) -> None:
         if self.options.system_time is not None:
@@ -243,36 +301,42 @@ class _Run:
         transactions: dict[Key, KeyTransaction] = {}
         for source, file_report in to_load:
             advance = self.phases.phase(f"loading {source.path.name}", source.size)
-            for batch in read_records(source, self.table.spec, advance, self.options.mapping):
-                file_report.rows += len(batch)
-                for raw in batch:
-                    assertion = self._assertion(raw)
-                    outcome = assertion if isinstance(assertion, str) else _apply(assertion, states, transactions, t)
-                    if outcome is DUPLICATE:
-                        file_report.duplicates += 1
-                    elif outcome is not None:
-                        self._reject(source, file_report, raw, outcome)
+            for raw in read_records(source, self.table.spec, advance, self.options.mapping):
+                self._malformed(source, file_report, raw)
+                rows = self._rows(source, raw)
+                file_report.rows += len(rows.lines) + sum(1 for r in raw.records if r.record is None)
+                for index, (key, op, valid_from, valid_to, payload, event_id, reason) in enumerate(zip(*rows.parsed)):
+                    if reason is None:
+                        assertion = Assertion(key, op, valid_from, self._valid_to(valid_from, valid_to), payload, event_id)
+                        reason = _apply(assertion, states, transactions, t)
+                        if reason is None:
+                            continue
+                        if reason is DUPLICATE:
+                            file_report.duplicates += 1
+                            continue
+                    self._reject(source, file_report, rows.lines[index], reason, rows.text(index))
             file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
         self._finish_group(transactions, t)
         self._commit(to_load, t, groups=1)
 
     def backfill(self, to_load: list[tuple[SourceFile, FileReport]]) -> None:
-        column = self.options.mapping.system_time
-        assert column is not None
-        entries: list[tuple[int, int, Assertion, int, RawRecord]] = []
+        entries: list[tuple[int, int, Assertion, int, int]] = []
         for index, (source, file_report) in enumerate(to_load):
             advance = self.phases.phase(f"reading {source.path.name}", source.size)
-            for batch in read_records(source, self.table.spec, advance, self.options.mapping):
-                file_report.rows += len(batch)
-                for raw in batch:
-                    t = None if raw.record is None else self._system_time(source, raw, column)
-                    assertion = self._assertion(raw)
-                    if isinstance(assertion, str) or t is None:
-                        self._reject(source, file_report, raw, assertion if isinstance(assertion, str) else "unreadable row")
+            for raw in read_records(source, self.table.spec, advance, self.options.mapping):
+                self._malformed(source, file_report, raw)
+                rows = self._rows(source, raw)
+                file_report.rows += len(rows.lines) + sum(1 for r in raw.records if r.record is None)
+                for position, (fields, t) in enumerate(zip(zip(*rows.parsed), rows.system_times)):
+                    key, op, valid_from, valid_to, payload, event_id, reason = fields
+                    if reason is not None:
+                        self._reject(source, file_report, rows.lines[position], reason, rows.text(position))
                         continue
-                    entries.append((t, len(entries), assertion, index, raw))
+                    assertion = Assertion(key, op, valid_from, self._valid_to(valid_from, valid_to), payload, event_id)
+                    entries.append((t, len(entries), assertion, index, rows.lines[position]))
         if not entries:
-            raise SystemTimeError(f"no row of {', '.join(str(s.path) for s, _ in to_load)} could be applied; nothing was written")
+            names = ", ".join(str(s.path) for s, _ in to_load)
+            raise SystemTimeError(f"no row of {names} could be applied; nothing was written")
         entries.sort(key=lambda e: (e[0], e[1]))
         self._check_forward(entries[0][0], "earliest system time")
         states = self.table.load_state(sorted({e[2].key for e in entries}, key=repr)) if self.latest is not None else {}
@@ -282,32 +346,19 @@ class _Run:
         for t in groups:
             transactions: dict[Key, KeyTransaction] = {}
             while position < len(entries) and entries[position][0] == t:
-                _, _, assertion, index, raw = entries[position]
+                _, _, assertion, index, line = entries[position]
                 source, file_report = to_load[index]
                 outcome = _apply(assertion, states, transactions, t)
                 if outcome is DUPLICATE:
                     file_report.duplicates += 1
                 elif outcome is not None:
-                    self._reject(source, file_report, raw, outcome)
+                    self._reject(source, file_report, line, outcome, raw_text(assertion._asdict()))
                 position += 1
             self._finish_group(transactions, t)
             advance(1)
         for _, file_report in to_load:
             file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
         self._commit(to_load, groups[-1], groups=len(groups), first=groups[0])
-
-    def _system_time(self, source: SourceFile, raw: RawRecord, column: str) -> int:
-        assert raw.record is not None
-        value = raw.record.pop(column, None)
-        try:
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise TimestampError("missing")
-            return to_micros(value)
-        except (TimestampError, ValueError, OverflowError):
-            raise SystemTimeError(
-                f"{source.path}:{raw.line}: system-time column {column!r} has no valid timestamp ({value!r}); "
-                "nothing was written"
-            ) from None
 
     def _finish_group(self, transactions: dict[Key, KeyTransaction], t: int) -> None:
         for key, transaction in transactions.items():
@@ -329,11 +380,13 @@ class _Run:
         keys: set[Key] = set()
         for source, _ in to_load:
             advance = self.phases.phase(f"reading keys of {source.path.name}", source.size)
-            for batch in read_records(source, self.table.spec, advance, self.options.mapping):
-                for raw in batch:
-                    if raw.record is not None:
+            for raw in read_records(source, self.table.spec, advance, self.options.mapping):
+                if raw.table is not None:
+                    keys.update(k for k in parse_keys(self.parser, raw.table) if k is not None)
+                for record in raw.records:
+                    if record.record is not None:
                         try:
-                            keys.add(self.parser.parse_key(raw.record))
+                            keys.add(self.parser.parse_key(record.record))
                         except InvalidAssertion:
                             pass
         return keys
@@ -356,11 +409,23 @@ def _apply(
     return reason
 
 
+class _Rows(NamedTuple):
+    lines: list[int]
+    parsed: ParsedRows
+    system_times: list[int | None]
+    text: Callable[[int], str | None]
+
+
+def _append(parsed: ParsedRows, *fields: Any) -> None:
+    for values, value in zip(parsed, fields):
+        values.append(value)
+
+
 def _quarantine_table(rows: list[tuple[str, str, int, str, str | None]], t: int) -> pa.Table:
     schema = quarantine_schema()
     if not rows:
         return schema.empty_table()
-    source, sha, line, reason, raw = (list(c) for c in zip(*rows))
+    source, sha, line, reason, raw = ([row[i] for row in rows] for i in range(5))
     return pa.table(
         {
             "source": source,

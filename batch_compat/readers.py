@@ -58,6 +58,15 @@ class RawRecord(NamedTuple):
     raw: str | None
 
 
+class RawBatch(NamedTuple):
+    """A slice of a file in order: columnar rows (CSV, Parquet) and/or single records (JSON lines,
+    and rows too malformed to split into fields)."""
+
+    lines: list[int]  # line of each row of ``table``
+    table: pa.RecordBatch | None  # columns named as assertion fields
+    records: list[RawRecord]
+
+
 @dataclass(frozen=True)
 class SourceFile:
     path: Path
@@ -155,8 +164,8 @@ def read_records(
     spec: DatasetSpec,
     on_bytes: Callable[[int], None] | None = None,
     mapping: ColumnMapping | None = None,
-) -> Iterator[list[RawRecord]]:
-    """Batches of raw records in file order, with their line numbers (header = line 1 for CSV)."""
+) -> Iterator[RawBatch]:
+    """Batches of rows in file order, with their line numbers (header = line 1 for CSV)."""
     mapping = mapping or ColumnMapping()
     try:
         if source.format == "csv":
@@ -173,7 +182,7 @@ def read_records(
 
 def _csv(
     source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None, mapping: ColumnMapping
-) -> Iterator[list[RawRecord]]:
+) -> Iterator[RawBatch]:
     with source.open() as peek:
         first = peek.readline().decode("utf-8-sig")
     header = next(csv.reader([first]), [])
@@ -208,24 +217,27 @@ def _csv(
     line = 1  # the header
     with stream:
         for batch in reader:
-            records: list[RawRecord] = []
-            columns = [column.to_pylist() for column in batch.columns]
-            names = fields
+            malformed = [
+                RawRecord(number, None, f"malformed CSV row: {problem}", _clip(text)) for number, problem, text in bad_rows
+            ]
             bad_lines = {number for number, _, _ in bad_rows if number > 0}
-            for number, problem, text in bad_rows:
-                records.append(RawRecord(number, None, f"malformed CSV row: {problem}", _clip(text)))
             bad_rows.clear()
-            for values in zip(*columns):
-                line += 1
-                while line in bad_lines:
+            if bad_lines:
+                lines = []
+                for _ in range(batch.num_rows):
                     line += 1
-                records.append(RawRecord(line, dict(zip(names, values)), None, None))
-            yield records
+                    while line in bad_lines:
+                        line += 1
+                    lines.append(line)
+            else:
+                lines = list(range(line + 1, line + 1 + batch.num_rows))
+                line += batch.num_rows
+            yield RawBatch(lines, batch.rename_columns(fields), malformed)
 
 
 def _jsonl(
     source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None, mapping: ColumnMapping
-) -> Iterator[list[RawRecord]]:
+) -> Iterator[RawBatch]:
     known = mapping.fields(spec)
     renames = mapping.renames
     batch: list[RawRecord] = []
@@ -248,15 +260,15 @@ def _jsonl(
                 else:
                     batch.append(RawRecord(number, record, None, None))
             if len(batch) >= _JSON_BATCH:
-                yield batch
+                yield RawBatch([], None, batch)
                 batch = []
     if batch:
-        yield batch
+        yield RawBatch([], None, batch)
 
 
 def _parquet(
     source: SourceFile, spec: DatasetSpec, on_bytes: Callable[[int], None] | None, mapping: ColumnMapping
-) -> Iterator[list[RawRecord]]:
+) -> Iterator[RawBatch]:
     if source.compressed:
         with source.open() as stream:
             handle: Any = io.BytesIO(stream.read())
@@ -270,18 +282,17 @@ def _parquet(
     total = max(parquet.metadata.num_rows, 1)
     size = source.size
     for batch in parquet.iter_batches(batch_size=65_536):
-        columns = []
+        arrays = []
         for column in batch.columns:
             if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
                 column = column.cast(pa.timestamp("us", tz=column.type.tz), safe=False)
-            columns.append(column.to_pylist())
-        records = []
-        for values in zip(*columns):
-            row += 1
-            records.append(RawRecord(row, dict(zip(names, values)), None, None))
+            arrays.append(column)
+        renamed = pa.RecordBatch.from_arrays(arrays, names=names)
+        lines = list(range(row + 1, row + 1 + renamed.num_rows))
+        row += renamed.num_rows
         if on_bytes is not None:
-            on_bytes(int(size * len(records) / total))
-        yield records
+            on_bytes(int(size * renamed.num_rows / total))
+        yield RawBatch(lines, renamed, [])
 
 
 def _clip(text: str | bytes | None) -> str | None:

@@ -312,7 +312,7 @@ class _DiffBuilder:
         fields += [pa.field(f"{c.name}_before", arrow_type(c)) for c in spec.columns]
         fields += [pa.field(f"{c.name}_after", arrow_type(c)) for c in spec.columns]
         schema = pa.schema(fields)
-        columns = list(zip(*self.rows)) if self.rows else [[] for _ in fields]
+        columns = [[row[i] for row in self.rows] for i in range(len(fields))]
         arrays = []
         for field, values in zip(fields, columns):
             if pa.types.is_timestamp(field.type):

@@ -158,12 +158,16 @@ def _apply(segments: list[Segment], assertion: Assertion, digest: str | None, t:
         if overlapping.system_from != t:
             closed.append(overlapping)
         if overlapping.valid_from < valid_from:
-            replacement.append(overlapping._replace(valid_to=valid_from, system_from=t))
+            # Segment(...) rather than _replace: this is the hot path of every load.
+            replacement.append(
+                Segment(overlapping[0], valid_from, t, overlapping[3], overlapping[4], overlapping[5])
+            )
         last += 1
     if assertion.op == UPSERT:
         replacement.append(
             Segment(valid_from, valid_to, t, assertion.payload, assertion.event_id, digest)
         )
     if last > first and segments[last - 1].valid_to > valid_to:
-        replacement.append(segments[last - 1]._replace(valid_from=valid_to, system_from=t))
+        tail = segments[last - 1]
+        replacement.append(Segment(valid_to, tail[1], t, tail[3], tail[4], tail[5]))
     segments[first:last] = replacement

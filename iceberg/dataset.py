@@ -161,4 +161,5 @@ def coerce_decimal(value: Any, column: Column) -> Decimal:
         raise ValueError(f"{value!r} has more than {scale} decimal places")
     if len(quantized.as_tuple().digits) > precision:
         raise ValueError(f"{value!r} does not fit decimal({precision},{scale})")
-    return quantized
+    # Stored decimals have no negative zero; normalise so every path fingerprints -0 and 0 alike.
+    return quantized.copy_abs() if quantized.is_zero() else quantized

@@ -25,6 +25,12 @@ class InvalidAssertion(ValueError):
     """A record that cannot become an assertion; its message is the quarantine reason."""
 
 
+def range_problem(valid_from: int, valid_to: int | None, raw_from: Any, raw_to: Any) -> str | None:
+    if valid_to is not None and valid_to <= valid_from:
+        return f"valid_to {raw_to!s} is not after valid_from {raw_from!s}"
+    return None
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() == "")
 
@@ -42,51 +48,76 @@ class AssertionParser:
         )
 
     def parse(self, record: Mapping[str, Any]) -> Assertion:
+        """The assertion a record makes; raises :class:`InvalidAssertion` with the first problem found.
+
+        Checks run in a fixed order (key, op, valid_from, valid_to, the range, payload columns in
+        declaration order, event_id) so that every path reports the same reason for the same record.
+        """
         key = self.parse_key(record)
-        op_value = record.get(OP)
-        if _is_missing(op_value):
-            op = UPSERT
-        elif isinstance(op_value, str) and op_value.strip().lower() in OPS:
-            op = op_value.strip().lower()
-        else:
-            raise InvalidAssertion(f"unknown op {op_value!r} (expected upsert or delete)")
-        raw_from = record.get(VALID_FROM)
-        if _is_missing(raw_from):
-            raise InvalidAssertion("missing valid_from")
-        valid_from = self._time(raw_from, VALID_FROM)
-        raw_to = record.get(VALID_TO)
-        valid_to: int | None
-        if _is_missing(raw_to):
-            valid_to = None
-        elif isinstance(raw_to, str) and raw_to.strip().lower() == INFINITY:
-            valid_to = SENTINEL
-        else:
-            valid_to = self._time(raw_to, VALID_TO)
-            if valid_to <= valid_from:
-                raise InvalidAssertion(f"valid_to {raw_to!s} is not after valid_from {raw_from!s}")
-        if valid_from >= SENTINEL:
-            raise InvalidAssertion(f"valid_from {raw_from!s} is not before 9999-12-31")
+        op = self.parse_op(record.get(OP))
+        raw_from, raw_to = record.get(VALID_FROM), record.get(VALID_TO)
+        valid_from = self.parse_valid_from(raw_from)
+        valid_to = self.parse_valid_to(raw_to)
+        problem = range_problem(valid_from, valid_to, raw_from, raw_to)
+        if problem is not None:
+            raise InvalidAssertion(problem)
         payload = tuple(convert(record.get(name), name) for name, convert in self._payload)
-        raw_event = record.get(EVENT_ID)
-        event_id: str | None
-        if _is_missing(raw_event):
-            event_id = None
-        elif isinstance(raw_event, str):
-            event_id = raw_event.strip()
-        elif isinstance(raw_event, int) and not isinstance(raw_event, bool):
-            event_id = str(raw_event)
-        else:
-            raise InvalidAssertion(f"event_id must be a string, got {raw_event!r}")
+        event_id = self.parse_event_id(record.get(EVENT_ID))
         return Assertion(key, op, valid_from, valid_to, payload, event_id)
 
     def parse_key(self, record: Mapping[str, Any]) -> Key:
-        values = []
-        for name, convert in self._key:
-            raw = record.get(name)
-            if _is_missing(raw):
-                raise InvalidAssertion(f"missing key column {name}")
-            values.append(convert(raw, name))
-        return tuple(values)
+        return tuple(self.parse_key_part(record.get(name), name, convert) for name, convert in self._key)
+
+    @staticmethod
+    def parse_key_part(raw: Any, name: str, convert: Callable[[Any, str], Any]) -> Any:
+        if _is_missing(raw):
+            raise InvalidAssertion(f"missing key column {name}")
+        return convert(raw, name)
+
+    @property
+    def key_converters(self) -> list[tuple[str, Callable[[Any, str], Any]]]:
+        return list(self._key)
+
+    @property
+    def payload_converters(self) -> list[tuple[str, Callable[[Any, str], Any]]]:
+        return list(self._payload)
+
+    @staticmethod
+    def parse_op(value: Any) -> str:
+        if _is_missing(value):
+            return UPSERT
+        if isinstance(value, str) and value.strip().lower() in OPS:
+            return value.strip().lower()
+        raise InvalidAssertion(f"unknown op {value!r} (expected upsert or delete)")
+
+    def parse_valid_from(self, value: Any) -> int:
+        if _is_missing(value):
+            raise InvalidAssertion("missing valid_from")
+        valid_from = self.parse_time(value, VALID_FROM)
+        if valid_from >= SENTINEL:
+            raise InvalidAssertion(f"valid_from {value!s} is not before 9999-12-31")
+        return valid_from
+
+    def parse_valid_to(self, value: Any) -> int | None:
+        """``None`` when not given, :data:`SENTINEL` for ``infinity``."""
+        if _is_missing(value):
+            return None
+        if isinstance(value, str) and value.strip().lower() == INFINITY:
+            return SENTINEL
+        return self.parse_time(value, VALID_TO)
+
+    @staticmethod
+    def parse_event_id(value: Any) -> str | None:
+        if _is_missing(value):
+            return None
+        if isinstance(value, str):
+            return value.strip()
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise InvalidAssertion(f"event_id must be a string, got {value!r}")
+
+    def parse_time(self, value: Any, name: str) -> int:
+        return self._time(value, name)
 
     def _time(self, value: Any, name: str) -> int:
         if isinstance(value, str):
