@@ -266,6 +266,39 @@ def sql_command(
 
 
 @app.command()
+def maintain(
+    name: str,
+    compact_table: Annotated[bool, typer.Option("--compact/--no-compact", help="Rewrite sorted, dropping superseded open twins.")] = True,
+    expire_older_than: Annotated[
+        Optional[str], typer.Option("--expire-older-than", help="Expire snapshots older than this age (e.g. 7d).")
+    ] = None,
+    orphans_older_than: Annotated[
+        Optional[str],
+        typer.Option("--remove-orphans-older-than", help="Delete unreferenced files older than this age (e.g. 3d)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List orphan files without deleting them.")] = False,
+) -> None:
+    """Compaction, snapshot expiry and orphan removal (history lives in rows: nothing is lost)."""
+    from chronolake.iceberg import maintenance
+
+    dataset = _dataset(name)
+    if compact_table:
+        report = maintenance.compact(dataset.table)
+        typer.echo(
+            f"compacted {name}: {report.rows_before} -> {report.rows_after} rows, "
+            f"{report.files_before} -> {report.files_after} data files"
+        )
+    if expire_older_than:
+        cutoff = maintenance.utc_now() - maintenance.parse_age(expire_older_than)
+        typer.echo(f"expired {maintenance.expire_snapshots(dataset.table, cutoff)} snapshots older than {expire_older_than}")
+    if orphans_older_than:
+        removed = maintenance.remove_orphan_files(dataset.table, maintenance.parse_age(orphans_older_than), dry_run=dry_run)
+        for path in removed:
+            typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+        typer.echo(f"{len(removed)} orphan files {'found' if dry_run else 'removed'}")
+
+
+@app.command()
 def demo(
     home: Annotated[Optional[Path], typer.Option(help="Lake directory (default: CHRONOLAKE_HOME).")] = None,
 ) -> None:
