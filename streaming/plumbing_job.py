@@ -26,9 +26,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from collections.abc import Iterable
 
 from pyflink.common import Configuration, Row, Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, StreamExecutionEnvironment
@@ -88,8 +88,6 @@ def catalog_properties(home: Path) -> dict[str, str]:
         # two writers wait for each other instead of failing after sqlite-jdbc's default 3 s.
         "jdbc.journal_mode": "WAL",
         "jdbc.busy_timeout": "30000",
-        # The Flink catalog's default database must exist for `USE CATALOG`; we never use it.
-        "default-database": "default",
     }
 
 
@@ -98,7 +96,7 @@ def _with_clause(props: dict[str, str]) -> str:
 
 
 def parse_record(row: Row) -> Row:
-    """Kafka value bytes plus metadata -> one typed row (malformed input fails the job here)."""
+    """Kafka value (JSON text) plus metadata -> one typed row (malformed input fails the job)."""
     # Positional: rows coming out of `to_data_stream` in thread mode carry no field names.
     payload, partition, offset, log_time_ms, log_time_type = row
     value = json.loads(payload)
