@@ -7,8 +7,10 @@ a file that cannot be read at all stops the load before anything is written.
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -165,7 +167,7 @@ def load_files(
     sources = [SourceFile.detect(p) for p in paths]
     report = LoadReport(spec.name, None)
 
-    with _Phases(show_progress) as phases:
+    with _Phases(show_progress) as phases, _without_cycle_collection():
         hashes = [s.sha256(phases.phase(f"hashing {s.path.name}", s.size)) for s in sources]
         ledger = table.loaded_files(hashes)
         to_load: list[tuple[SourceFile, FileReport]] = []
@@ -191,6 +193,20 @@ def load_files(
             run.backfill(to_load)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextmanager
+def _without_cycle_collection() -> Iterator[None]:
+    """A load allocates millions of small tuples (segments, keys, payloads) that form no reference
+    cycles; the cyclic collector would traverse them again and again as they accumulate (measured:
+    1M assertions load in half the time without it). Reference counting still frees everything."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Run:

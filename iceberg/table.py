@@ -33,15 +33,17 @@ from chronolake.iceberg.dataset import (
     DatasetSpec,
 )
 from chronolake.iceberg.exceptions import CommitConflict, DatasetAlreadyExists, DatasetNotFound
-from chronolake.iceberg.queries import key_mask
+from chronolake.iceberg.queries import only_keys
 from chronolake.iceberg.rows import RowBuilder, python_columns
 from chronolake.iceberg.schema import TIMESTAMP, iceberg_schema, partition_spec, sort_order
 
 STABLE_PROPERTY = "chronolake.stable-system-time"
 OPERATION_PROPERTY = "chronolake.operation"
 QUARANTINE_SUFFIX = "__quarantine"
-#: Below this many keys a state read pushes the key list into the scan (bucket pruning); above, it filters after.
-_KEY_PUSHDOWN_LIMIT = 2_000
+#: Up to this many keys a read pushes the key list into the scan (pyiceberg prunes buckets and row
+#: groups with it); above, evaluating the literal set per data file costs more than it saves
+#: (measured in bench/RESULTS.md: 2,000 keys took 3x longer than reading everything).
+_KEY_PUSHDOWN_LIMIT = 64
 
 
 def quarantine_schema() -> pa.Schema:
@@ -159,7 +161,7 @@ class BitemporalTable:
         row_filter = clauses[0] if len(clauses) == 1 else And(*clauses)
         rows = self.scan(row_filter)
         if keys is not None:
-            rows = rows.filter(key_mask(rows, key_names, keys))
+            rows = only_keys(rows, key_names, keys)
         return rows
 
     def load_state(self, keys: Sequence[Key]) -> dict[Key, KeyState]:
@@ -172,7 +174,7 @@ class BitemporalTable:
             for position, name in enumerate(key_names):
                 clauses.append(In(name, {k[position] for k in keys}))
         rows = self.scan(And(*clauses) if len(clauses) > 1 else clauses[0])
-        rows = rows.filter(key_mask(rows, key_names, keys))
+        rows = only_keys(rows, key_names, keys)
         states: dict[Key, KeyState] = defaultdict(KeyState)
 
         identity = [*key_names, VALID_FROM, SYSTEM_FROM]

@@ -202,3 +202,19 @@ def test_diff_reports_added_removed_and_changed(prices: Dataset, tmp_path: Path)
         ("B", "removed", "2024-01-10", Decimal("2"), None),
         ("C", "added", "2024-01-01", None, Decimal("7")),
     ]
+
+
+def test_two_column_keys_continue_from_stored_state(lake: Lake, tmp_path: Path) -> None:
+    fx = lake.create_dataset("fx", key=["base", "quote"], columns={"rate": "decimal(18,8)"})
+    rows = "".join(f"EUR,C{i:03d},1.{i:03d},2024-01-01\n" for i in range(100))
+    fx.load([write(tmp_path / "a.csv", "base,quote,rate,valid_from\n" + rows + "USD,C000,9,2024-01-01\n")])
+    fx.load([write(tmp_path / "b.csv", "base,quote,rate,valid_from\nEUR,C007,2,2024-01-05\nUSD,C000,8,2024-01-03\n")])
+    now = {(r["base"], r["quote"]): r["rate"] for r in fx.as_of("2024-01-06").to_pylist()}
+    assert now[("EUR", "C007")] == Decimal("2") and now[("USD", "C000")] == Decimal("8")
+    assert now[("EUR", "C008")] == Decimal("1.008") and len(now) == 101
+    history = fx.history(("EUR", "C007")).to_pylist()
+    assert [(r["rate"], r["valid_to"].date().isoformat()) for r in history] == [
+        (Decimal("1.007"), "9999-12-31"),  # as first recorded, now closed
+        (Decimal("1.007"), "2024-01-05"),  # the leftover re-asserted by the correction
+        (Decimal("2"), "9999-12-31"),
+    ]
