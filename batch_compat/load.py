@@ -321,10 +321,21 @@ class _Run:
                 self._malformed(source, file_report, raw)
                 rows = self._rows(source, raw)
                 file_report.rows += len(rows.lines) + sum(1 for r in raw.records if r.record is None)
+                period = self.options.period
+                # The per-row loop of every load, kept flat: one dict lookup and one apply per row.
                 for index, (key, op, valid_from, valid_to, payload, event_id, reason) in enumerate(zip(*rows.parsed)):
                     if reason is None:
-                        assertion = Assertion(key, op, valid_from, self._valid_to(valid_from, valid_to), payload, event_id)
-                        reason = _apply(assertion, states, transactions, t)
+                        if valid_to is None and period is not None:
+                            valid_to = self._valid_to(valid_from, None)
+                        transaction = transactions.get(key)
+                        if transaction is None:
+                            transaction = transactions[key] = _transaction(key, states, t)
+                        if event_id is None:
+                            transaction.apply(_new_assertion((key, op, valid_from, valid_to, payload, None)))
+                            continue
+                        reason = _apply(
+                            _new_assertion((key, op, valid_from, valid_to, payload, event_id)), transaction
+                        )
                         if reason is None:
                             continue
                         if reason is DUPLICATE:
@@ -364,7 +375,10 @@ class _Run:
             while position < len(entries) and entries[position][0] == t:
                 _, _, assertion, index, line = entries[position]
                 source, file_report = to_load[index]
-                outcome = _apply(assertion, states, transactions, t)
+                transaction = transactions.get(assertion.key)
+                if transaction is None:
+                    transaction = transactions[assertion.key] = _transaction(assertion.key, states, t)
+                outcome = _apply(assertion, transaction)
                 if outcome is DUPLICATE:
                     file_report.duplicates += 1
                 elif outcome is not None:
@@ -408,21 +422,24 @@ class _Run:
         return keys
 
 
-def _apply(
-    assertion: Assertion, states: dict[Key, KeyState], transactions: dict[Key, KeyTransaction], t: int
-) -> str | None:
-    transaction = transactions.get(assertion.key)
-    if transaction is None:
-        # The key's state outlives this transaction: a backfill's later transactions continue from it.
-        state = states.get(assertion.key)
-        if state is None:
-            state = states[assertion.key] = KeyState()
-        transaction = transactions[assertion.key] = KeyTransaction(state, t)
+def _transaction(key: Key, states: dict[Key, KeyState], t: int) -> KeyTransaction:
+    # The key's state outlives this transaction: a backfill's later transactions continue from it.
+    state = states.get(key)
+    if state is None:
+        state = states[key] = KeyState()
+    return KeyTransaction(state, t)
+
+
+def _apply(assertion: Assertion, transaction: KeyTransaction) -> str | None:
     before = transaction.duplicates
     reason = transaction.apply(assertion)
     if reason is None and transaction.duplicates != before:
         return DUPLICATE
     return reason
+
+
+def _new_assertion(fields: tuple[Any, ...]) -> Assertion:
+    return tuple.__new__(Assertion, fields)  # type: ignore[no-any-return]
 
 
 class _Rows(NamedTuple):

@@ -86,11 +86,12 @@ class KeyTransaction:
     ``state``, which is mutated in place.
     """
 
-    __slots__ = ("state", "t", "_closed", "_applied_events", "applied", "duplicates")
+    __slots__ = ("state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty")
 
     def __init__(self, state: KeyState, t: int) -> None:
         self.state = state
         self.t = t
+        self._was_empty = not state.segments
         self._closed: list[Segment] = []
         self._applied_events: list[tuple[str, str]] = []
         self.applied = 0
@@ -115,7 +116,9 @@ class KeyTransaction:
 
     def finish(self, rejected: list[tuple[int, str]] | None = None) -> KeyChange:
         t = self.t
-        opened = [s for s in self.state.segments if s.system_from == t]
+        segments = self.state.segments
+        # A key with no earlier segments has only segments of this transaction.
+        opened = list(segments) if self._was_empty else [s for s in segments if s[2] == t]
         carried = {s.event_id for s in opened}
         markers = [(eid, d) for eid, d in self._applied_events if eid not in carried]
         return KeyChange(opened, self._closed, markers, self.applied, self.duplicates, rejected or [])

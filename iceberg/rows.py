@@ -55,12 +55,16 @@ class RowBuilder:
         schema = self._schema
         changes, markers = self._changes, self._markers
         # Closed twins first, then open versions; the commit sorts the whole append anyway.
-        versions = [(k, s, t, CLOSED) for k, c, t in changes for s in c.closed]
-        versions += [(k, s, SENTINEL, OPEN) for k, c, _ in changes for s in c.opened]
+        keys = [k for k, c, _ in changes for _s in c.closed]
+        closed_at = [t for _k, c, t in changes for _s in c.closed]
+        segments = [s for _k, c, _t in changes for s in c.closed]
+        closed_count = len(segments)
+        keys += [k for k, c, _ in changes for _s in c.opened]
+        segments += [s for _k, c, _t in changes for s in c.opened]
+        opened_count = len(segments) - closed_count
         width, payload_width = len(self.spec.key), len(self.spec.columns)
         blank_key = (None,) * width
-        keys = [v[0] for v in versions] + [m[0] or blank_key for m in markers]
-        segments = [v[1] for v in versions]
+        keys += [m[0] or blank_key for m in markers]
         payloads = [s[3] for s in segments] + [(None,) * payload_width] * len(markers)
         none = [None] * len(markers)
         arrays: list[pa.Array] = []
@@ -73,11 +77,12 @@ class RowBuilder:
             VALID_FROM: [s[0] for s in segments] + none,
             VALID_TO: [s[1] for s in segments] + none,
             SYSTEM_FROM: [s[2] for s in segments] + [m[1] for m in markers],
-            SYSTEM_TO: [v[2] for v in versions] + none,
+            SYSTEM_TO: closed_at + [SENTINEL] * opened_count + none,
         }
         for name in (VALID_FROM, VALID_TO, SYSTEM_FROM, SYSTEM_TO):
             arrays.append(pa.array(times[name], type=pa.int64()).cast(TIMESTAMP))
-        arrays.append(pa.array([v[3] for v in versions] + [m[2] for m in markers], type=pa.string()))
+        kinds = [CLOSED] * closed_count + [OPEN] * opened_count + [m[2] for m in markers]
+        arrays.append(pa.array(kinds, type=pa.string()))
         arrays.append(pa.array([s[4] for s in segments] + [m[3] for m in markers], type=pa.string()))
         arrays.append(pa.array([s[5] for s in segments] + [m[4] for m in markers], type=pa.string()))
         return pa.Table.from_arrays(arrays, schema=schema)
