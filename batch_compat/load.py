@@ -8,7 +8,10 @@ a file that cannot be read at all stops the load before anything is written.
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
 import time
+import traceback
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from chronolake.batch_compat.columnar import ParsedRows, _by_distinct, parse_batch, parse_keys
 from chronolake.batch_compat.readers import ColumnMapping, RawBatch, SourceFile, raw_text, read_records
 from chronolake.iceberg.algebra import UPSERT, Assertion, Key, KeyState, KeyTransaction
-from chronolake.iceberg.exceptions import ConfigError, SystemTimeError
+from chronolake.iceberg.exceptions import ChronolakeError, CommitConflict, ConfigError, SystemTimeError, UnreadableFile
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.rows import RowBuilder
 from chronolake.iceberg.table import BitemporalTable, quarantine_schema
@@ -31,6 +34,8 @@ from chronolake.iceberg.temporal import PERIODS, TimestampError, add_period, for
 ALREADY_LOADED = "already loaded"
 REPEATED = "repeated in this load"
 LOADED = "loaded"
+#: Total size of CSV/Parquet input from which a load uses two processes by default.
+PARALLEL_MIN_BYTES = 32 << 20
 #: What applying a record returns when it was a replay of an event already applied.
 DUPLICATE = "duplicate"
 
@@ -144,6 +149,8 @@ class LoadOptions:
     system_time: int | None = None
     mapping: ColumnMapping = field(default_factory=ColumnMapping)
     period: str | None = None
+    #: Processes for a single-transaction load; ``None`` picks 2 for large CSV/Parquet loads on 2+ cores.
+    processes: int | None = None
 
 
 def load_files(
@@ -193,6 +200,36 @@ def load_files(
             run.backfill(to_load)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _auto_processes(to_load: list[tuple[SourceFile, FileReport]]) -> int:
+    # Processes pay off only for large columnar files (fork, and each process reads every file).
+    if any(s.format == "jsonl" for s, _ in to_load) or sum(s.size for s, _ in to_load) < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+class _SharedProgress:
+    """Progress phases inside a load process: bytes read go to a counter the parent displays."""
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+
+    def phase(self, description: str, total: int) -> Callable[[int], None]:
+        counter = self._counter
+        if counter is None:
+            return lambda n: None
+
+        def advance(n: int) -> None:
+            with counter.get_lock():
+                counter.value += n
+
+        return advance
+
+
+_ERRORS: dict[str, type[ChronolakeError]] = {
+    cls.__name__: cls for cls in (UnreadableFile, SystemTimeError, ConfigError, CommitConflict)
+}
 
 
 @contextmanager
@@ -311,17 +348,30 @@ class _Run:
             self._check_forward(t, "system time")
         else:
             t = self.table.next_system_time()
+        processes = self.options.processes or _auto_processes(to_load)
+        if processes > 1:
+            self._in_processes(to_load, t, processes)
+        else:
+            self._apply_files(to_load, t, None)
+            self._commit(to_load, t, groups=1)
+
+    def _apply_files(
+        self, to_load: list[tuple[SourceFile, FileReport]], t: int, partition: tuple[int, int] | None
+    ) -> None:
+        """Apply every row (or, with ``partition=(i, n)``, the rows of the keys in share i of n)."""
         states: dict[Key, KeyState] = {}
         if self.latest is not None:
-            states = self.table.load_state(sorted(self._keys(to_load), key=repr))
+            states = self.table.load_state(sorted(self._keys(to_load, partition), key=repr))
         transactions: dict[Key, KeyTransaction] = {}
+        period = self.options.period
         for source, file_report in to_load:
             advance = self.phases.phase(f"loading {source.path.name}", source.size)
             for raw in read_records(source, self.table.spec, advance, self.options.mapping):
+                if partition is not None:
+                    raw = self._share(raw, partition)
                 self._malformed(source, file_report, raw)
                 rows = self._rows(source, raw)
                 file_report.rows += len(rows.lines) + sum(1 for r in raw.records if r.record is None)
-                period = self.options.period
                 # The per-row loop of every load, kept flat: one dict lookup and one apply per row.
                 for index, (key, op, valid_from, valid_to, payload, event_id, reason) in enumerate(zip(*rows.parsed)):
                     if reason is None:
@@ -344,7 +394,110 @@ class _Run:
                     self._reject(source, file_report, rows.lines[index], reason, rows.text(index))
             file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
         self._finish_group(transactions, t)
-        self._commit(to_load, t, groups=1)
+
+    def _share(self, raw: RawBatch, partition: tuple[int, int]) -> RawBatch:
+        """The part of a batch whose keys belong to this process; rows without a valid key go to share 0,
+        which quarantines them."""
+        share, shares = partition
+        first = share == 0
+        lines: list[int] = []
+        table = raw.table
+        if table is not None:
+            mask = [first if k is None else hash(k) % shares == share for k in parse_keys(self.parser, table)]
+            lines = [line for line, mine in zip(raw.lines, mask) if mine]
+            table = table.filter(pa.array(mask, pa.bool_()))
+        records = []
+        for record in raw.records:
+            if record.record is None:
+                if first:
+                    records.append(record)
+                continue
+            try:
+                mine = hash(self.parser.parse_key(record.record)) % shares == share
+            except InvalidAssertion:
+                mine = first
+            if mine:
+                records.append(record)
+        return RawBatch(lines, table, records)
+
+    def _in_processes(self, to_load: list[tuple[SourceFile, FileReport]], t: int, processes: int) -> None:
+        """Split the load by key over forked processes: keys are independent, so each process applies
+        its keys' rows in file order and returns its rows as Arrow; this process commits them all at once.
+        Python's ``hash`` partitions consistently because forked children share the hash seed."""
+        context = multiprocessing.get_context("fork")
+        consumed = context.Value("q", 0)
+        total = sum(s.size for s, _ in to_load) * (2 if self.latest is not None else 1)
+        advance = self.phases.phase(f"loading in {processes} processes", total)
+        receivers, workers = [], []
+        for share in range(processes):
+            receiver, sender = context.Pipe(duplex=False)
+            worker = context.Process(target=self._worker, args=(to_load, t, (share, processes), sender, consumed))
+            worker.start()
+            sender.close()
+            receivers.append(receiver)
+            workers.append(worker)
+        results: dict[int, tuple[Any, ...]] = {}
+        seen = 0
+        while len(results) < processes:
+            for share, receiver in enumerate(receivers):
+                if share not in results and receiver.poll(0.1):
+                    try:
+                        results[share] = receiver.recv()
+                    except EOFError:
+                        results[share] = ("crash", f"load process {share} exited without a result")
+            now = consumed.value
+            advance(now - seen)
+            seen = now
+        for worker in workers:
+            worker.join()
+        for outcome in results.values():
+            if outcome[0] == "error":
+                raise _ERRORS.get(outcome[1], ChronolakeError)(outcome[2])
+            if outcome[0] == "crash":
+                raise RuntimeError(f"a load process failed:\n{outcome[1]}")
+        tables = []
+        for share in range(processes):
+            _, table, quarantine, counts, opened, closed = results[share]
+            tables.append(table)
+            self.quarantine.extend(quarantine)
+            self.report.versions_opened += opened
+            self.report.versions_closed += closed
+            for (_, file_report), (rows, quarantined, duplicates) in zip(to_load, counts):
+                file_report.rows += rows
+                file_report.quarantined += quarantined
+                file_report.duplicates += duplicates
+        for _, file_report in to_load:
+            file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
+        order = {str(source.path): index for index, (source, _) in enumerate(to_load)}
+        self.quarantine.sort(key=lambda q: (order[q[0]], q[2]))
+        self._commit(to_load, t, groups=1, extra=tables)
+
+    def _worker(
+        self,
+        to_load: list[tuple[SourceFile, FileReport]],
+        t: int,
+        partition: tuple[int, int],
+        sender: Any,
+        consumed: Any,
+    ) -> None:
+        try:
+            self.phases = _SharedProgress(consumed if partition[0] == 0 else None)
+            for _, file_report in to_load:
+                file_report.rows = file_report.quarantined = file_report.duplicates = 0
+            self._apply_files(to_load, t, partition)
+            counts = [(f.rows, f.quarantined, f.duplicates) for _, f in to_load]
+            sender.send(
+                ("ok", self.builder.to_arrow(), self.quarantine, counts, self.report.versions_opened, self.report.versions_closed)
+            )
+        except ChronolakeError as error:
+            sender.send(("error", type(error).__name__, str(error)))
+        except BaseException:
+            sender.send(("crash", traceback.format_exc()))
+        finally:
+            sender.close()
+            # Skip interpreter teardown: nothing of the parent's (catalog connections, consoles) may be
+            # closed from here, and freeing millions of objects one by one is wasted time.
+            os._exit(0)
 
     def backfill(self, to_load: list[tuple[SourceFile, FileReport]]) -> None:
         entries: list[tuple[int, int, Assertion, int, int]] = []
@@ -397,20 +550,30 @@ class _Run:
             self.report.versions_closed += len(change.closed)
             self.builder.add_change(key, change, t)
 
-    def _commit(self, to_load: list[tuple[SourceFile, FileReport]], t: int, *, groups: int, first: int | None = None) -> None:
+    def _commit(
+        self,
+        to_load: list[tuple[SourceFile, FileReport]],
+        t: int,
+        *,
+        groups: int,
+        first: int | None = None,
+        extra: list[pa.Table] | None = None,
+    ) -> None:
         for _, file_report in to_load:
             self.builder.add_file(file_report.sha256, t)
             file_report.loaded_at = t
-        self.table.commit(self.builder, t, "load", _quarantine_table(self.quarantine, t))
+        self.table.commit(self.builder, t, "load", _quarantine_table(self.quarantine, t), extra=extra)
         self.report.system_time = t
         self.report.first_system_time = first if first is not None else t
         self.report.transactions = groups
 
-    def _keys(self, to_load: list[tuple[SourceFile, FileReport]]) -> set[Key]:
+    def _keys(self, to_load: list[tuple[SourceFile, FileReport]], partition: tuple[int, int] | None = None) -> set[Key]:
         keys: set[Key] = set()
         for source, _ in to_load:
             advance = self.phases.phase(f"reading keys of {source.path.name}", source.size)
             for raw in read_records(source, self.table.spec, advance, self.options.mapping):
+                if partition is not None:
+                    raw = self._share(raw, partition)
                 if raw.table is not None:
                     keys.update(k for k in parse_keys(self.parser, raw.table) if k is not None)
                 for record in raw.records:

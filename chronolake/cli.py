@@ -115,6 +115,9 @@ def load(
         Optional[str],
         typer.Option("--period", help="Rows without valid_to cover one period: day, week, month, quarter or year."),
     ] = None,
+    processes: Annotated[
+        Optional[int], typer.Option("--processes", min=1, help="Processes for a large load (default: 2 on 2+ cores).")
+    ] = None,
 ) -> None:
     """Load assertion files into a dataset in one atomic commit (one transaction, or one per system time)."""
     dataset = _dataset(name)
@@ -125,6 +128,7 @@ def load(
         valid_from_column=valid_from_column,
         valid_to_column=valid_to_column,
         period=period,
+        processes=processes,
         show_progress=not quiet and sys.stderr.isatty(),
     )
     if as_json:

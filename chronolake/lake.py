@@ -129,6 +129,7 @@ class Dataset:
         valid_from_column: str | None = None,
         valid_to_column: str | None = None,
         period: str | None = None,
+        processes: int | None = None,
         show_progress: bool = False,
     ) -> LoadReport:
         """Load assertion files in one atomic commit.
@@ -138,7 +139,8 @@ class Dataset:
         in ascending order (a backfill of known history). Either must be later than the dataset's
         latest system time. ``valid_from_column``/``valid_to_column`` name the file's columns for the
         valid-time bounds; ``period`` (day, week, month, quarter, year) gives rows without a
-        ``valid_to`` the range ``[valid_from, valid_from + period)``.
+        ``valid_to`` the range ``[valid_from, valid_from + period)``. ``processes`` splits a large load
+        by key over that many processes (default: 2 for large CSV/Parquet loads on 2+ cores).
         """
         if valid_to_column is not None and period is not None:
             raise ConfigError("give either a valid-to column or a period, not both")
@@ -151,6 +153,7 @@ class Dataset:
             system_time=None if system_time is None else micros(system_time, "system time"),
             mapping=mapping,
             period=period,
+            processes=processes,
         )
         self.table.refresh()
         return load_files(self.table, paths, options=options, show_progress=show_progress)

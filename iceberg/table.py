@@ -216,7 +216,14 @@ class BitemporalTable:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def commit(self, builder: RowBuilder, t: int, operation: str, quarantine: pa.Table | None = None) -> None:
+    def commit(
+        self,
+        builder: RowBuilder,
+        t: int,
+        operation: str,
+        quarantine: pa.Table | None = None,
+        extra: list[pa.Table] | None = None,
+    ) -> None:
         """One atomic append: the transaction's versions, its ledger rows and the new stable system time.
 
         Quarantine records are appended first, to their own table; they are shown only once the data
@@ -224,6 +231,8 @@ class BitemporalTable:
         """
         builder.add_control(t)
         data = builder.to_arrow()
+        if extra:
+            data = pa.concat_tables([data, *extra])
         data = data.sort_by([(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)])
         if quarantine is not None and quarantine.num_rows:
             self.quarantine_table().append(quarantine)

@@ -218,3 +218,50 @@ def test_two_column_keys_continue_from_stored_state(lake: Lake, tmp_path: Path) 
         (Decimal("1.007"), "2024-01-05"),  # the leftover re-asserted by the correction
         (Decimal("2"), "9999-12-31"),
     ]
+
+
+def _stored(dataset: Dataset) -> list[tuple[object, ...]]:
+    rows = dataset.table.scan().to_pylist()
+    times = sorted({r["system_from"] for r in rows if r["system_from"] is not None})
+    rank = {t: i for i, t in enumerate(times)}  # the two datasets' system times differ; their order does not
+    stored = [
+        (
+            r["isin"], r["price"], r["currency"], r["valid_from"], r["valid_to"], rank.get(r["system_from"]),
+            None if r["system_to"] is None else rank.get(r["system_to"], "sentinel"), r["row_kind"], r["event_id"],
+        )
+        for r in rows
+        if r["row_kind"] != "file"
+    ]
+    return sorted(stored, key=repr)
+
+
+def test_a_load_split_over_processes_stores_exactly_what_one_process_stores(lake: Lake, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(5)
+    lines = [HEADER.strip()]
+    for n in range(3000):
+        key = f"K{rng.randrange(200)}"
+        day = f"2024-01-{rng.randrange(1, 28):02d}"
+        kind = rng.random()
+        if kind < 0.05:
+            lines.append(f"{key},,,{day},,delete,")
+        elif kind < 0.1:
+            lines.append(f"{key},{rng.randrange(100)},EUR,{day},2024-02-01,,e{rng.randrange(50)}")
+        elif kind < 0.12:
+            lines.append(f"{key},bad,EUR,{day},,,")
+        else:
+            lines.append(f"{key},{rng.randrange(100)}.5,USD,{day},,,")
+    lines.insert(100, "broken,row")
+    lines.insert(200, ",1,EUR,2024-01-05,,,")  # no key: quarantined once, whichever process sees it
+    first = write(tmp_path / "first.csv", "\n".join(lines[:1500]) + "\n")
+    second = write(tmp_path / "second.csv", "\n".join([lines[0], *lines[1500:]]) + "\n")
+    results = []
+    for processes in (1, 2):
+        dataset = lake.create_dataset(f"p{processes}", key=["isin"], columns={"price": "decimal(18,6)", "currency": "string"})
+        reports = [dataset.load([first], processes=processes), dataset.load([second], processes=processes)]
+        quarantine = [(r["line"], r["reason"]) for r in dataset.quarantine().to_pylist()]
+        counts = [(f.rows, f.applied, f.quarantined, f.duplicates) for r in reports for f in r.files]
+        results.append((_stored(dataset), quarantine, counts))
+    assert results[0] == results[1]
+    assert results[0][1], "the input has bad rows"
