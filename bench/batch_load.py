@@ -308,7 +308,7 @@ def render(info: dict[str, str], shape: generate.Shape, path: Path, results: lis
                 f"{r['rows']:,}",
                 f"{r['seconds']:.2f}",
                 f"{r['rows_per_second']:,.0f}",
-                f"{r['peak_rss_mb']:,.0f}",
+                f"{r['peak_rss_mb']:,.0f}" + (f" (+{r['peak_rss_children_mb']:,.0f} per load process)" if r.get("peak_rss_children_mb") else ""),
                 f"{r['rss_before_mb']:,.0f}",
                 f"{r.get('table_rows', 0):,}",
                 r["note"],

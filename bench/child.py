@@ -84,6 +84,8 @@ def peak_rss_mb() -> float:
 def report(result: dict[str, Any]) -> None:
     """Called by the child at the end of its case."""
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    # A large chronolake load forks load processes: their peak is reported beside the main one.
+    result["peak_rss_children_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     module = sys.modules.get("chronolake")
     if module is not None:
         result["chronolake_from"] = str(Path(module.__file__ or "").parent)
