@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
-from pyiceberg.expressions import And, EqualTo, GreaterThan, In, LessThanOrEqual, Or
+from pyiceberg.expressions import And, EqualTo, GreaterThan, LessThanOrEqual, Or
 
 from chronolake.batch_compat.load import LoadOptions, LoadReport, load_files
 from chronolake.batch_compat.readers import ColumnMapping
@@ -41,7 +41,7 @@ from chronolake.iceberg.exceptions import ConfigError, UnstableRead
 from chronolake.iceberg.rows import python_columns
 from chronolake.iceberg.schema import TIMESTAMP, arrow_type
 from chronolake.iceberg.table import QUARANTINE_SUFFIX, BitemporalTable
-from chronolake.iceberg.temporal import SENTINEL, TimestampError, format_micros, to_micros
+from chronolake.iceberg.temporal import TimestampError, format_micros, to_micros
 
 TimeLike = str | datetime | date | int
 

@@ -7,16 +7,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from chronolake.iceberg.algebra import Key, KeyChange, Segment
+from chronolake.iceberg.algebra import Key, KeyChange
 from chronolake.iceberg.dataset import (
     CLOSED,
     CONTROL,
     EVENT,
-    EVENT_DIGEST,
-    EVENT_ID,
     FILE,
     OPEN,
-    ROW_KIND,
     SYSTEM_FROM,
     SYSTEM_TO,
     VALID_FROM,

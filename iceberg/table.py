@@ -11,9 +11,7 @@ import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual
-from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.types import LongType, NestedField, StringType, TimestamptzType
 
 from chronolake.iceberg.algebra import Key, KeyState, Segment
 from chronolake.iceberg.config import LakeSettings
@@ -96,7 +94,7 @@ class BitemporalTable:
             return existing, False
         try:
             catalog.create_table(
-                (settings.namespace, spec.name + QUARANTINE_SUFFIX), schema=Schema(*_quarantine_fields())
+                (settings.namespace, spec.name + QUARANTINE_SUFFIX), schema=quarantine_schema()
             )
         except TableAlreadyExistsError:
             pass
@@ -246,15 +244,3 @@ class BitemporalTable:
                 f"dataset {self.spec.name!r} changed while this transaction was prepared "
                 "(is another writer running?); nothing was written, run it again"
             ) from None
-
-
-def _quarantine_fields() -> list[NestedField]:
-    return [
-        NestedField(1, "source", StringType(), required=False),
-        NestedField(2, "source_sha256", StringType(), required=False),
-        NestedField(3, "line", LongType(), required=False),
-        NestedField(4, "reason", StringType(), required=False),
-        NestedField(5, "raw", StringType(), required=False),
-        NestedField(6, "system_time", TimestamptzType(), required=False),
-    ]
-
