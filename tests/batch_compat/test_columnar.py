@@ -72,5 +72,5 @@ def test_columnar_validation_agrees_with_the_record_parser(records: list[dict[st
         assert parsed.reasons[index] is None, (record, parsed.reasons[index])
         got = (parsed.keys[index], parsed.ops[index], parsed.valid_from[index], parsed.valid_to[index],
                parsed.payloads[index], parsed.event_ids[index])
-        assert got == tuple(expected[:6]), record
-        assert repr(got[4]) == repr(expected.payload), "payload values must fingerprint identically"
+        # repr: equal values and equal fingerprints (and NaN, which is not equal to itself, compares).
+        assert repr(got) == repr(tuple(expected[:6])), record
