@@ -199,7 +199,7 @@ def parse_keys(parser: AssertionParser, batch: pa.RecordBatch) -> list[Key | Non
 def _key_column(column: pa.Array, declared: Column, convert: _Converter) -> tuple[list[Any], list[str | None] | None]:
     if declared.type == "string" and pa.types.is_string(column.type) and column.null_count == 0:
         values = column.to_pylist()
-        if all(values) and not any(v.isspace() for v in values):  # else let the parser name the missing key
+        if all(values) and not any(map(str.isspace, values)):  # else let the parser name the missing key
             return values, None
         return _each(values, convert)
     if declared.type in ("timestamp", "date", "boolean"):

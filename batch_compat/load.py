@@ -34,8 +34,9 @@ from chronolake.iceberg.temporal import PERIODS, TimestampError, add_period, for
 ALREADY_LOADED = "already loaded"
 REPEATED = "repeated in this load"
 LOADED = "loaded"
-#: Total size of CSV/Parquet input from which a load uses two processes by default.
-PARALLEL_MIN_BYTES = 32 << 20
+#: Total size of CSV/Parquet input from which a load uses two processes by default (below it, forking
+#: and reading the input twice cost more than they save).
+PARALLEL_MIN_BYTES = 4 << 20
 #: What applying a record returns when it was a replay of an event already applied.
 DUPLICATE = "duplicate"
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
-from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual, NotNull
 from pyiceberg.table import Table
 
 from chronolake.iceberg.algebra import Key, KeyState, Segment
@@ -167,35 +167,34 @@ class BitemporalTable:
         if not keys or self.table.current_snapshot() is None:
             return {}
         key_names = self.spec.key_names
-        clauses: list[BooleanExpression] = [In(ROW_KIND, {OPEN, CLOSED, EVENT})]
+        key_clauses: list[BooleanExpression] = []
         if len(keys) <= _KEY_PUSHDOWN_LIMIT:
-            for position, name in enumerate(key_names):
-                clauses.append(In(name, {k[position] for k in keys}))
-        rows = self.scan(And(*clauses) if len(clauses) > 1 else clauses[0])
-        rows = only_keys(rows, key_names, keys)
-        states: dict[Key, KeyState] = defaultdict(KeyState)
+            key_clauses = [In(name, {k[position] for k in keys}) for position, name in enumerate(key_names)]
+
+        def scan(*clauses: BooleanExpression, columns: Sequence[str] | None = None) -> pa.Table:
+            every = [*clauses, *key_clauses]
+            return only_keys(self.scan(And(*every) if len(every) > 1 else every[0], columns), key_names, keys)
 
         identity = [*key_names, VALID_FROM, SYSTEM_FROM]
-        versions = rows.filter(pc.is_in(rows[ROW_KIND], pa.array([OPEN, CLOSED])))
-        closed = versions.filter(pc.equal(versions[ROW_KIND], CLOSED)).select(identity)
-        opened = versions.filter(pc.equal(versions[ROW_KIND], OPEN))
-        # Current = open twins whose closed twin does not exist (yet).
+        names = [*key_names, VALID_FROM, VALID_TO, SYSTEM_FROM, *self.spec.payload_names, EVENT_ID, EVENT_DIGEST]
+        # Current = open twins whose closed twin does not exist (yet); closed twins are read for their
+        # identity only, which is most of the table after many corrections.
+        opened = scan(EqualTo(ROW_KIND, OPEN), columns=names)
+        closed = scan(EqualTo(ROW_KIND, CLOSED), columns=identity)
         current = opened.join(closed, keys=identity, join_type="left anti") if closed.num_rows else opened
         current = current.sort_by([(n, "ascending") for n in identity])
-        names = [*key_names, VALID_FROM, VALID_TO, SYSTEM_FROM, *self.spec.payload_names, EVENT_ID, EVENT_DIGEST]
-        columns = python_columns(current, names)
-        width = len(key_names)
-        payload_width = len(self.spec.payload_names)
-        for values in zip(*columns):
-            key = tuple(values[:width])
-            valid_from, valid_to, system_from = values[width : width + 3]
-            payload = tuple(values[width + 3 : width + 3 + payload_width])
-            event_id, digest = values[-2], values[-1]
-            states[key].segments.append(Segment(valid_from, valid_to, system_from, payload, event_id, digest))
 
-        with_events = rows.filter(pc.is_valid(rows[EVENT_ID]))
-        for values in zip(*python_columns(with_events, [*key_names, EVENT_ID, EVENT_DIGEST])):
-            states[tuple(values[:width])].events[values[width]] = values[width + 1]
+        states: dict[Key, KeyState] = defaultdict(KeyState)
+        width = len(key_names)
+        payload_end = width + 3 + len(self.spec.payload_names)
+        for values in zip(*python_columns(current, names)):
+            segment = (values[width], values[width + 1], values[width + 2], values[width + 3 : payload_end], values[-2], values[-1])
+            states[values[:width]].segments.append(tuple.__new__(Segment, segment))
+
+        # Event ids seen by a key: on its versions and on marker rows (files without any are pruned by stats).
+        events = scan(In(ROW_KIND, {OPEN, CLOSED, EVENT}), NotNull(EVENT_ID), columns=[*key_names, EVENT_ID, EVENT_DIGEST])
+        for values in zip(*python_columns(events, [*key_names, EVENT_ID, EVENT_DIGEST])):
+            states[values[:width]].events[values[width]] = values[width + 1]
         return dict(states)
 
     def loaded_files(self, hashes: Iterable[str]) -> dict[str, int]:
