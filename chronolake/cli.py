@@ -29,7 +29,10 @@ app.add_typer(dataset_app, name="dataset")
 err = Console(stderr=True)
 
 FormatOption = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
-KeyOption = Annotated[Optional[list[str]], typer.Option("--key", "-k", help="Only this key (repeatable).")]
+KeyOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--key", "-k", help="Only this key (repeatable); a multi-column key as comma-separated parts."),
+]
 KnownAtOption = Annotated[
     Optional[str], typer.Option("--known-at", help="System time (ISO-8601); default: the stable system time.")
 ]
@@ -40,6 +43,12 @@ UnstableOption = Annotated[
 
 def _dataset(name: str) -> Dataset:
     return Lake().dataset(name)
+
+
+def _keys(dataset: Dataset, keys: list[str] | None) -> list[object] | None:
+    if keys is None or len(dataset.spec.key) == 1:
+        return list(keys) if keys is not None else None
+    return [tuple(part.strip() for part in key.split(",")) for key in keys]
 
 
 def _show_stable(result_stable: bytes | None) -> None:
@@ -168,7 +177,8 @@ def query(
     allow_unstable: UnstableOption = False,
 ) -> None:
     """What was true at --valid-at, as known at --known-at."""
-    result = _dataset(name).as_of(valid_at, known_at, keys=key, allow_unstable=allow_unstable)
+    dataset = _dataset(name)
+    result = dataset.as_of(valid_at, known_at, keys=_keys(dataset, key), allow_unstable=allow_unstable)
     print_rows(result, fmt, title=f"{name} valid at {valid_at}, as known at {known_at or 'stable'}")
     if fmt is Format.table:
         _show_stable((result.schema.metadata or {}).get(b"chronolake.stable_system_time"))
@@ -183,7 +193,8 @@ def timeline(
     allow_unstable: UnstableOption = False,
 ) -> None:
     """Every version current at --known-at (all valid times)."""
-    result = _dataset(name).timeline(known_at, keys=key, allow_unstable=allow_unstable)
+    dataset = _dataset(name)
+    result = dataset.timeline(known_at, keys=_keys(dataset, key), allow_unstable=allow_unstable)
     print_rows(result, fmt, title=f"{name} as known at {known_at or 'stable'}")
 
 
@@ -210,7 +221,8 @@ def diff(
     allow_unstable: UnstableOption = False,
 ) -> None:
     """What changed between two system times: added, removed, changed, per key and valid range."""
-    result = _dataset(name).diff(since, until, keys=key, allow_unstable=allow_unstable)
+    dataset = _dataset(name)
+    result = dataset.diff(since, until, keys=_keys(dataset, key), allow_unstable=allow_unstable)
     print_rows(result, fmt, title=f"{name}: changes known between {since} and {until or 'stable'}")
 
 
@@ -261,7 +273,7 @@ def sql_command(
         dialect,
         valid_at=micros(valid_at, "valid-at") if valid_at else None,
         known_at=t,
-        keys=dataset.normalise_keys(key),
+        keys=dataset.normalise_keys(_keys(dataset, key)),
     )
     if run:
         print_rows(run_duckdb(text), fmt)

@@ -97,3 +97,16 @@ def test_datasets_from_a_declaration_file(cli: Run, tmp_path: Path) -> None:
     assert again.returncode == 0 and "exists  fx_rates" in again.stdout
     shown = cli("dataset", "show", "fx_rates").stdout
     assert "base:string, quote:string" in shown and "bucket(4, base)" in shown
+
+
+def test_multi_column_keys_on_the_command_line(cli: Run, tmp_path: Path) -> None:
+    assert cli("dataset", "create", "fx", "--key", "base", "--key", "quote", "--column", "rate:double").returncode == 0
+    source = tmp_path / "fx.csv"
+    source.write_text("base,quote,rate,valid_from\nEUR,USD,1.1,2024-01-01\nEUR,CHF,0.95,2024-01-01\n")
+    assert cli("load", "fx", str(source)).returncode == 0
+    result = cli("query", "fx", "--valid-at", "2024-01-02", "-k", "EUR,CHF", "-f", "csv")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith("EUR,CHF,0.95,")
+    assert len(result.stdout.splitlines()) == 2
+    history = cli("history", "fx", "EUR", "USD", "-f", "csv")
+    assert history.stdout.splitlines()[1].startswith("EUR,USD,1.1,")
