@@ -5,17 +5,28 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from chronolake.iceberg.exceptions import ChronolakeError
+from chronolake.iceberg.sql import Dialect
 from chronolake.iceberg.temporal import format_micros
-from chronolake.iceberg.sql import Dialect, duckdb_table_reference, render, run_duckdb
-from chronolake.lake import Dataset, Lake, micros
 from chronolake.output import Format, print_rows
 from chronolake.scaling_lambda.cli import app as scaling_app
+
+if TYPE_CHECKING:
+    from chronolake.lake import Dataset, Lake
+
+# pyiceberg, pyarrow and DuckDB take a second or more to import: commands import what they use, so
+# `chronolake --help` and usage errors answer at once.
+
+
+def _lake() -> Lake:
+    from chronolake.lake import Lake
+
+    return Lake()
 
 app = typer.Typer(
     help="chronolake: a bitemporal lakehouse on Apache Iceberg.",
@@ -42,7 +53,7 @@ UnstableOption = Annotated[
 
 
 def _dataset(name: str) -> Dataset:
-    return Lake().dataset(name)
+    return _lake().dataset(name)
 
 
 def _keys(dataset: Dataset, keys: list[str] | None) -> list[object] | None:
@@ -68,7 +79,7 @@ def dataset_create(
     file: Annotated[Optional[Path], typer.Option("--file", help="Create every dataset declared in this YAML file.")] = None,
 ) -> None:
     """Create a dataset from flags, or every dataset in a declaration file."""
-    lake = Lake()
+    lake = _lake()
     if file is not None:
         if name or key or column:
             raise ChronolakeError("give either --file or NAME with --key/--column, not both")
@@ -85,7 +96,7 @@ def dataset_create(
 @dataset_app.command("list")
 def dataset_list() -> None:
     """List datasets with their stable system time."""
-    lake = Lake()
+    lake = _lake()
     for name in lake.datasets():
         stable = lake.dataset(name).stable_system_time()
         typer.echo(f"{name}\t{format_micros(stable) if stable is not None else '-'}")
@@ -254,6 +265,9 @@ def sql_command(
     fmt: FormatOption = Format.table,
 ) -> None:
     """Emit the shipped SQL for Athena/Trino or DuckDB (or run it with DuckDB)."""
+    from chronolake.iceberg.sql import duckdb_table_reference, render, run_duckdb
+    from chronolake.lake import micros
+
     dataset = _dataset(name)
     stable_time = dataset.stable_system_time() or 0
     t = micros(known_at, "known-at") if known_at else stable_time

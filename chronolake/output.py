@@ -9,13 +9,15 @@ from collections.abc import Iterable
 from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
 from chronolake.iceberg.temporal import format_micros, micros_from_datetime
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class Format(str, Enum):

@@ -11,14 +11,16 @@ import site
 from collections.abc import Sequence
 from enum import Enum
 from importlib.resources import files
-from typing import Any
 
-import duckdb
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from chronolake.iceberg.dataset import DatasetSpec
 from chronolake.iceberg.exceptions import ConfigError
 from chronolake.iceberg.temporal import SENTINEL, datetime_from_micros
+
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
 
 QUERIES = ("as_of", "timeline", "history", "stable")
 
@@ -82,6 +84,8 @@ def render(
 
 def duckdb_connection() -> duckdb.DuckDBPyConnection:
     """DuckDB with ``TimeZone='UTC'`` and the Iceberg extension from the pip-installed extension package."""
+    import duckdb
+
     directories = [os.path.join(p, "duckdb_ext", "extensions") for p in site.getsitepackages()]
     directory = next((d for d in directories if os.path.isdir(d)), None)
     config = {"autoinstall_known_extensions": "false", "autoload_known_extensions": "true"}
