@@ -46,6 +46,7 @@ def compact(table: BitemporalTable) -> CompactionReport:
     if snapshot is None:
         return CompactionReport(0, 0, 0, 0)
     stable = table.stable_system_time()
+    table.ensure_no_commit_retry()
     files_before = len(list(table.table.scan().plan_files()))
     rows = table.scan()
     spec = table.spec

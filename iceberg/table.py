@@ -38,6 +38,11 @@ from chronolake.iceberg.schema import TIMESTAMP, iceberg_schema, partition_spec,
 STABLE_PROPERTY = "chronolake.stable-system-time"
 OPERATION_PROPERTY = "chronolake.operation"
 QUARANTINE_SUFFIX = "__quarantine"
+#: pyiceberg (and Java Iceberg) re-apply a failed append or overwrite on top of whatever was committed
+#: meanwhile. For a batch transaction prepared from the snapshot it read, that would close versions
+#: that are no longer current; for a compaction, it would drop rows appended meanwhile. So a conflict
+#: must fail the commit: the writer prepares again from the new snapshot.
+NO_COMMIT_RETRY = {"commit.retry.num-retries": "0"}
 #: Up to this many keys a read pushes the key list into the scan (pyiceberg prunes buckets and row
 #: groups with it); above, evaluating the literal set per data file costs more than it saves
 #: (measured in bench/RESULTS.md: 2,000 keys took 3x longer than reading everything).
@@ -82,6 +87,7 @@ class BitemporalTable:
                     SPEC_PROPERTY: spec.to_json(),
                     "format-version": "2",
                     "write.parquet.compression-codec": "zstd",
+                    **NO_COMMIT_RETRY,
                 },
             )
             created = True
@@ -113,6 +119,23 @@ class BitemporalTable:
 
     def refresh(self) -> None:
         self.table = self.table.refresh()
+
+    def ensure_no_commit_retry(self) -> None:
+        """Make sure a conflicting commit fails instead of being re-applied (see :data:`NO_COMMIT_RETRY`)."""
+        key, value = next(iter(NO_COMMIT_RETRY.items()))
+        if self.table.properties.get(key) != value:
+            # A property change creates no snapshot: what this writer prepared stays valid.
+            with self.table.transaction() as transaction:
+                transaction.set_properties(NO_COMMIT_RETRY)
+            self.table = self.table.refresh() if self.table.current_snapshot() is None else self._same_snapshot_refresh()
+
+    def _same_snapshot_refresh(self) -> Table:
+        before = self.table.current_snapshot()
+        refreshed = self.table.refresh()
+        after = refreshed.current_snapshot()
+        if before is not None and (after is None or after.snapshot_id != before.snapshot_id):
+            raise CommitConflict(f"dataset {self.spec.name!r} changed while this transaction was prepared; run it again")
+        return refreshed
 
     # -- system time -----------------------------------------------------------------------------
 
@@ -231,6 +254,7 @@ class BitemporalTable:
         if extra:
             data = pa.concat_tables([data, *extra])
         data = data.sort_by([(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)])
+        self.ensure_no_commit_retry()
         if quarantine is not None and quarantine.num_rows:
             self.quarantine_table().append(quarantine)
         try:
@@ -241,5 +265,5 @@ class BitemporalTable:
         except CommitFailedException:
             raise CommitConflict(
                 f"dataset {self.spec.name!r} changed while this transaction was prepared "
-                "(is another writer running?); nothing was written, run it again"
+                "(another writer committed first); nothing was written, run it again"
             ) from None

@@ -265,3 +265,20 @@ def test_a_load_split_over_processes_stores_exactly_what_one_process_stores(lake
         results.append((_stored(dataset), quarantine, counts))
     assert results[0] == results[1]
     assert results[0][1], "the input has bad rows"
+
+
+def test_concurrent_writer_conflict_writes_nothing_visible(prices: Dataset, lake: Lake, tmp_path: Path) -> None:
+    from chronolake.batch_compat.load import load_files
+    from chronolake.iceberg.exceptions import CommitConflict
+    from chronolake.iceberg.table import BitemporalTable
+
+    prices.load([write(tmp_path / "a.csv", HEADER + "A,1,EUR,2024-01-01,,,\n")])
+    stale = BitemporalTable.open(lake.catalog, lake.settings, "prices")  # prepared before the other commit
+    prices.load([write(tmp_path / "b.csv", HEADER + "A,2,EUR,2024-01-02,,,\n")])
+    before = prices.timeline().to_pylist()
+    with pytest.raises(CommitConflict, match="another writer"):
+        load_files(stale, [write(tmp_path / "c.csv", HEADER + "A,3,EUR,2024-01-03,,,\nB,bad,EUR,2024-01-01,,,\n")])
+    assert prices.timeline().to_pylist() == before
+    assert prices.quarantine().num_rows == 0, "the failed load's quarantine records must stay invisible"
+    # Run again, it lands.
+    assert prices.load([tmp_path / "c.csv"]).quarantined == 1
