@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg_core import transform as bucket_transform
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -397,16 +399,17 @@ class _Run:
         self._finish_group(transactions, t)
 
     def _share(self, raw: RawBatch, partition: tuple[int, int]) -> RawBatch:
-        """The part of a batch whose keys belong to this process; rows without a valid key go to share 0,
+        """The part of a batch whose keys belong to this process. Every row goes to exactly one process:
+        rows without a valid key to share 0 (or, on the vectorised path, wherever their text hashes),
         which quarantines them."""
         share, shares = partition
         first = share == 0
         lines: list[int] = []
         table = raw.table
         if table is not None:
-            mask = [first if k is None else hash(k) % shares == share for k in parse_keys(self.parser, table)]
-            lines = [line for line, mine in zip(raw.lines, mask) if mine]
-            table = table.filter(pa.array(mask, pa.bool_()))
+            mask = self._share_mask(table, share, shares)
+            lines = [line for line, mine in zip(raw.lines, mask.to_pylist()) if mine]
+            table = table.filter(mask)
         records = []
         for record in raw.records:
             if record.record is None:
@@ -414,17 +417,35 @@ class _Run:
                     records.append(record)
                 continue
             try:
-                mine = hash(self.parser.parse_key(record.record)) % shares == share
+                mine = self._share_of(self.parser.parse_key(record.record), shares) == share
             except InvalidAssertion:
                 mine = first
             if mine:
                 records.append(record)
         return RawBatch(lines, table, records)
 
+    def _string_key(self) -> bool:
+        return len(self.table.spec.key) == 1 and self.table.spec.key[0].type == "string"
+
+    def _share_mask(self, table: pa.RecordBatch, share: int, shares: int) -> pa.Array:
+        if self._string_key():
+            # A string key is its own text: hash the column at once (Iceberg's murmur3 bucket).
+            column = table.column(table.schema.names.index(self.table.spec.key_names[0]))
+            if pa.types.is_string(column.type):
+                buckets = bucket_transform.bucket(column, shares)
+                return pc.fill_null(pc.equal(buckets, share), share == 0)
+        keys = parse_keys(self.parser, table)
+        return pa.array([share == 0 if k is None else self._share_of(k, shares) == share for k in keys], pa.bool_())
+
+    def _share_of(self, key: Key, shares: int) -> int:
+        if self._string_key():
+            return int(bucket_transform.bucket(pa.array([key[0]], pa.string()), shares)[0].as_py())
+        # Other key types: Python's hash, the same in every forked process (they share the hash seed).
+        return hash(key) % shares
+
     def _in_processes(self, to_load: list[tuple[SourceFile, FileReport]], t: int, processes: int) -> None:
         """Split the load by key over forked processes: keys are independent, so each process applies
-        its keys' rows in file order and returns its rows as Arrow; this process commits them all at once.
-        Python's ``hash`` partitions consistently because forked children share the hash seed."""
+        its keys' rows in file order and returns its rows as Arrow; this process commits them all at once."""
         context = multiprocessing.get_context("fork")
         consumed = context.Value("q", 0)
         total = sum(s.size for s, _ in to_load) * (2 if self.latest is not None else 1)

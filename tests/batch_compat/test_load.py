@@ -256,10 +256,16 @@ def test_a_load_split_over_processes_stores_exactly_what_one_process_stores(lake
     lines.insert(200, ",1,EUR,2024-01-05,,,")  # no key: quarantined once, whichever process sees it
     first = write(tmp_path / "first.csv", "\n".join(lines[:1500]) + "\n")
     second = write(tmp_path / "second.csv", "\n".join([lines[0], *lines[1500:]]) + "\n")
+    # JSON lines in the same load as a CSV file: each key must land in the same process from both.
+    jsonl = write(
+        tmp_path / "third.jsonl",
+        "".join(f'{{"isin": "K{n % 200}", "price": "{n}", "currency": "CHF", "valid_from": "2024-03-{n % 28 + 1:02d}"}}\n' for n in range(400))
+        + '{"isin": "", "valid_from": "2024-03-01"}\n{broken\n',
+    )
     results = []
     for processes in (1, 2):
         dataset = lake.create_dataset(f"p{processes}", key=["isin"], columns={"price": "decimal(18,6)", "currency": "string"})
-        reports = [dataset.load([first], processes=processes), dataset.load([second], processes=processes)]
+        reports = [dataset.load([first], processes=processes), dataset.load([second, jsonl], processes=processes)]
         quarantine = [(r["line"], r["reason"]) for r in dataset.quarantine().to_pylist()]
         counts = [(f.rows, f.applied, f.quarantined, f.duplicates) for r in reports for f in r.files]
         results.append((_stored(dataset), quarantine, counts))
