@@ -51,7 +51,7 @@ def _each(values: list[Any], convert: _Converter) -> tuple[list[Any], list[str |
     return out, errors
 
 
-def _by_distinct(column: pa.Array, convert: _Converter) -> tuple[list[Any], list[str | None] | None]:
+def by_distinct(column: pa.Array, convert: _Converter) -> tuple[list[Any], list[str | None] | None]:
     """Convert each distinct value once (timestamps and flags repeat a lot in real files)."""
     encoded = column.dictionary_encode()
     converted, problems = _each(encoded.dictionary.to_pylist(), convert)
@@ -89,7 +89,7 @@ def _payload_column(column: pa.Array, declared: Column, convert: _Converter) -> 
             return column.to_pylist(), None
         return _each(column.to_pylist(), convert)
     if kind in ("timestamp", "date", "boolean"):
-        return _by_distinct(column, convert)
+        return by_distinct(column, convert)
     if kind == "double" and pa.types.is_string(column.type):
         # Arrow and Python differ on spellings like "inf" and "1_0": let Python decide those.
         if pc.any(pc.match_substring_regex(column, r"[^0-9eE.+\-]")).as_py():
@@ -131,18 +131,18 @@ def parse_batch(parser: AssertionParser, batch: pa.RecordBatch) -> ParsedRows:
     if op_source is None:
         ops: list[str] = [UPSERT] * rows
     else:
-        ops, problems = _by_distinct(op_source, parser.parse_op)
+        ops, problems = by_distinct(op_source, parser.parse_op)
         note(problems)
 
     from_source = column(VALID_FROM)
     assert from_source is not None
-    valid_from, problems = _by_distinct(from_source, parser.parse_valid_from)
+    valid_from, problems = by_distinct(from_source, parser.parse_valid_from)
     note(problems)
     to_source = column(VALID_TO)
     if to_source is None:
         valid_to: list[int | None] = [None] * rows
     else:
-        valid_to, problems = _by_distinct(to_source, parser.parse_valid_to)
+        valid_to, problems = by_distinct(to_source, parser.parse_valid_to)
         note(problems)
         bounded = [i for i, (vf, vt) in enumerate(zip(valid_from, valid_to)) if vt is not None and vf is not None and vt <= vf]
         if bounded:
@@ -203,7 +203,7 @@ def _key_column(column: pa.Array, declared: Column, convert: _Converter) -> tupl
             return values, None
         return _each(values, convert)
     if declared.type in ("timestamp", "date", "boolean"):
-        return _by_distinct(column, convert)
+        return by_distinct(column, convert)
     if column.null_count == 0:
         return _payload_column(column, declared, convert)
     return _each(column.to_pylist(), convert)

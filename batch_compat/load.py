@@ -1,6 +1,7 @@
-"""Loading assertion files into a dataset: one load is one transaction at one system time.
+"""Loading assertion files into a dataset in one atomic commit.
 
-Files are identified by the SHA-256 of their decompressed bytes; a file already in the dataset's ledger
+A load is one transaction at one system time (now, or a known past time), or, for a backfill with a
+system-time column, one transaction per distinct time in ascending order. Files are identified by the SHA-256 of their decompressed bytes; a file already in the dataset's ledger
 is skipped, so loading it again changes nothing. Bad rows are quarantined with file, line and reason;
 a file that cannot be read at all stops the load before anything is written.
 """
@@ -24,7 +25,7 @@ from pyiceberg_core import transform as bucket_transform
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from chronolake.batch_compat.columnar import ParsedRows, _by_distinct, parse_batch, parse_keys
+from chronolake.batch_compat.columnar import ParsedRows, by_distinct, parse_batch, parse_keys
 from chronolake.batch_compat.readers import ColumnMapping, RawBatch, SourceFile, raw_text, read_records
 from chronolake.iceberg.algebra import UPSERT, Assertion, Key, KeyState, KeyTransaction
 from chronolake.iceberg.exceptions import ChronolakeError, CommitConflict, ConfigError, SystemTimeError, UnreadableFile
@@ -283,7 +284,7 @@ class _Run:
             table = raw.table
             if column is not None:
                 names = table.schema.names
-                times, problems = _by_distinct(table.column(names.index(column)), self._system_time_value)
+                times, problems = by_distinct(table.column(names.index(column)), self._system_time_value)
                 if problems is not None:
                     index = next(i for i, p in enumerate(problems) if p is not None)
                     raise SystemTimeError(f"{source.path}:{lines[index]}: {problems[index]}; nothing was written")
