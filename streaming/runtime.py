@@ -11,20 +11,51 @@ Flink mini-cluster inside the PyFlink gateway JVM. Two things must be handed to 
 - `PYTHONPATH` with the job venv's site-packages: in thread mode (`python.execution-mode: thread`)
   the Python functions run in an interpreter embedded in the JVM (PEMJA). That interpreter starts
   from the base Python installation, not from the venv, so it finds PyFlink and its dependencies
-  only through `PYTHONPATH`.
+  only through `PYTHONPATH`. The same holds for chronolake's pure modules the bitemporal job
+  imports (`chronolake.iceberg` algebra/parsing, `chronolake.streaming.transactions`): a folder of
+  symlinks that spells the package layout (`chronolake/iceberg` -> `iceberg/`) goes on `PYTHONPATH`
+  too. An editable install would not do: its `.pth` hook runs only for site directories, and
+  `PYTHONPATH` entries are not site directories.
+
+`launch_stream_job` prepares and starts the bitemporal job (`streaming/job.py`) for datasets of a lake.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
+from pyiceberg.exceptions import TableAlreadyExistsError
+
+from chronolake.iceberg.algebra import Key, KeyState
+from chronolake.iceberg.config import LakeSettings
+from chronolake.iceberg.dataset import OPEN, ROW_KIND
+from chronolake.iceberg.rows import python_columns
+from chronolake.iceberg.table import BitemporalTable, quarantine_schema
+from chronolake.lake import Lake
+from chronolake.streaming.transactions import UNROUTED_QUARANTINE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+JOB_SCRIPT = REPO_ROOT / "streaming" / "job.py"
+LOG_APPEND_TIME = "LogAppendTime"
+#: The packages the job imports from the repository, as `chronolake.<name>` -> folder.
+_JOB_PACKAGES = {"iceberg": REPO_ROOT / "iceberg", "streaming": REPO_ROOT / "streaming"}
 
 
 class JobRuntimeError(Exception):
     """The job virtualenv or the Flink jars are missing."""
+
+
+class StreamSourceError(Exception):
+    """The source topic cannot feed the bitemporal job (missing, or not `LogAppendTime`)."""
 
 
 def _default_venv() -> Path:
@@ -35,12 +66,32 @@ def _default_jars() -> Path:
     return Path(os.environ.get("CHRONOLAKE_FLINK_JARS", REPO_ROOT / ".cache" / "jars"))
 
 
+def _default_packages() -> Path:
+    return REPO_ROOT / ".cache" / "job-python"
+
+
+def job_packages(root: Path) -> Path:
+    """`root/chronolake/{__init__.py, iceberg, streaming}` as symlinks into the repository (idempotent)."""
+    package = root / "chronolake"
+    package.mkdir(parents=True, exist_ok=True)
+    links = {"__init__.py": REPO_ROOT / "chronolake" / "__init__.py", **_JOB_PACKAGES}
+    for name, target in links.items():
+        link = package / name
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return root
+
+
 @dataclass(frozen=True)
 class JobRuntime:
     """The job virtualenv plus the Flink classpath, as made by `scripts/setup`."""
 
     venv: Path = field(default_factory=_default_venv)
     jars_dir: Path = field(default_factory=_default_jars)
+    packages_dir: Path = field(default_factory=_default_packages)
 
     @property
     def python(self) -> Path:
@@ -62,7 +113,7 @@ class JobRuntime:
         """The process environment for `python <job script>` in the job venv."""
         env = dict(os.environ)
         # Replaced, not extended: anything from the tools env (pyarrow >= 18) would break PyFlink.
-        env["PYTHONPATH"] = str(self.site_packages())
+        env["PYTHONPATH"] = os.pathsep.join([str(self.site_packages()), str(job_packages(self.packages_dir))])
         env["HADOOP_CLASSPATH"] = os.pathsep.join(str(j) for j in self.jars())
         # Without this the gateway logs into the installed pyflink package (site-packages/pyflink/log).
         if log_dir is not None:
@@ -74,3 +125,124 @@ class JobRuntime:
 
     def command(self, script: Path, *args: str) -> list[str]:
         return [str(self.python), str(script), *args]
+
+
+@dataclass(frozen=True)
+class StreamJobSettings:
+    """Where the bitemporal job reads, writes and checkpoints."""
+
+    home: Path
+    datasets: Sequence[str]
+    bootstrap_servers: str
+    topic: str
+    work_dir: Path
+    group_id: str = "chronolake-stream"
+    checkpoint_interval_ms: int = 2000
+    stable_interval_ms: int = 1000
+    idle_partition_ms: int = 10_000
+    max_event_bytes: int = 1 << 20
+    restart_attempts: int = 0
+    restore_from: Path | None = None
+
+
+def topic_source(bootstrap_servers: str, topic: str) -> int:
+    """The topic's partition count, after checking it stamps records with the broker's clock."""
+    key = "message.timestamp.type"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        described = admin.describe_topics([topic])
+        # kafka-python 3 answers {resource type: {name: {key: {"value": ...}}}}; "all" because
+        # "modified" would hide a value inherited from the broker default.
+        configs = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs={key: None})], config_filter="all"
+        )
+    finally:
+        admin.close()
+    partitions = [p for t in described if t.get("name") == topic and not t.get("error_code") for p in t.get("partitions", [])]
+    if not partitions:
+        raise StreamSourceError(f"topic {topic!r} does not exist or has no partitions")
+    timestamp_type = configs.get("topic", {}).get(topic, {}).get(key, {}).get("value")
+    if timestamp_type != LOG_APPEND_TIME:
+        raise StreamSourceError(
+            f"topic {topic!r} has message.timestamp.type={timestamp_type}; the job needs LogAppendTime "
+            "(system time comes from the broker's clock, never the producer's)"
+        )
+    return len(partitions)
+
+
+def table_states(table: BitemporalTable) -> dict[Key, KeyState]:
+    """Every key's current state, rebuilt from the table (the bootstrap of the job's keyed state)."""
+    if table.table.current_snapshot() is None:
+        return {}
+    rows = table.scan(None, [*table.spec.key_names, ROW_KIND])
+    rows = rows.filter(pa.compute.equal(rows[ROW_KIND], OPEN))
+    keys = sorted(set(zip(*python_columns(rows, table.spec.key_names))), key=repr)
+    states: dict[Key, KeyState] = table.load_state(keys)
+    return states
+
+
+def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None = None) -> list[str]:
+    """Check the source, create the unrouted quarantine, write the job's plan and state bootstrap;
+    returns the command that starts the job.
+
+    The bootstrap is every key's state as the table has it now. It is read once, at launch: keys
+    the Flink state does not know start from it. That is right while the job is the datasets' only
+    writer (DESIGN: one writer per dataset); a batch load committed while the job runs is not seen.
+    """
+    runtime = runtime or JobRuntime()
+    partitions = topic_source(settings.bootstrap_servers, settings.topic)
+    lake = Lake(settings.home)
+    lake_settings: LakeSettings = lake.settings
+    if not str(lake_settings.catalog_properties.get("uri", "")).startswith("sqlite:///"):
+        raise JobRuntimeError("the streaming job supports only the embedded SQLite catalog so far")
+    tables = [lake.dataset(name).table for name in settings.datasets]
+    try:
+        lake.catalog.create_table((lake_settings.namespace, UNROUTED_QUARANTINE), schema=quarantine_schema())
+    except TableAlreadyExistsError:
+        pass
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = settings.work_dir / "plan.json"
+    bootstrap_path = settings.work_dir / "bootstrap.pickle"
+    plan = {
+        "home": str(lake_settings.home),
+        "namespace": lake_settings.namespace,
+        "datasets": {t.spec.name: t.spec.to_json() for t in tables},
+        "partitions": partitions,
+    }
+    plan_path.write_text(json.dumps(plan, indent=2))
+    # Pickle: payloads hold Decimals and dates, and both ends run the same chronolake.iceberg code.
+    bootstrap = {t.spec.name: table_states(t) for t in tables}
+    bootstrap_path.write_bytes(pickle.dumps(bootstrap, protocol=pickle.HIGHEST_PROTOCOL))
+    args = [
+        "--plan", str(plan_path),
+        "--bootstrap", str(bootstrap_path),
+        "--bootstrap-servers", settings.bootstrap_servers,
+        "--topic", settings.topic,
+        "--group-id", settings.group_id,
+        "--checkpoint-dir", str(settings.work_dir / "checkpoints"),
+        "--checkpoint-interval-ms", str(settings.checkpoint_interval_ms),
+        "--stable-interval-ms", str(settings.stable_interval_ms),
+        "--idle-partition-ms", str(settings.idle_partition_ms),
+        "--max-event-bytes", str(settings.max_event_bytes),
+        "--restart-attempts", str(settings.restart_attempts),
+    ]
+    if settings.restore_from is not None:
+        args += ["--restore-from", str(settings.restore_from)]
+    return runtime.command(JOB_SCRIPT, *args)
+
+
+def launch_stream_job(
+    settings: StreamJobSettings, log: Path, runtime: JobRuntime | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the bitemporal job in its own process group (stop it with `os.killpg(job.pid, ...)`:
+    the job script and its gateway JVM go together). Output goes to `log`, Flink's log beside it."""
+    runtime = runtime or JobRuntime()
+    command = prepare_stream_job(settings, runtime)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command,
+            env=runtime.environment(log_dir=settings.work_dir / "flink-log"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

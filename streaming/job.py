@@ -1,0 +1,364 @@
+"""The bitemporal streaming job: Kafka assertion events -> keyed timelines (RocksDB) -> Iceberg tables.
+
+Runs by path in the job venv (`.venv/job/bin/python streaming/job.py ...`), started by
+`chronolake.streaming.runtime.launch_stream_job`, which checks the topic, writes the plan (dataset
+declarations, partition count) and the state bootstrap, and sets `PYTHONPATH` so that this script
+and the Python functions inside the mini-cluster import the pure `chronolake.iceberg` modules.
+
+Pipeline (operator uids in brackets; they must never change, or restored state maps to nothing):
+
+    Kafka table source (value, partition, offset, log time)
+    -> key by partition -> [partition-clock] t = max(log time, previous t + 1 us), then validate:
+         bad records -> quarantine rows
+         good ones   -> key by (dataset, key) -> [entity-timeline] one KeyTransaction at t on the
+                        key's KeyState (RocksDB) -> twin rows (open, closed, event markers)
+    -> (partition, t) -> key by nothing -> [stable-time] min over partitions of their high-water
+         mark, published every --stable-interval-ms as a control row per dataset
+    -> per table: [sink-<table>] -> Flink SQL INSERT INTO the Iceberg table (insert-only)
+
+Each checkpoint is one Iceberg commit per table. A control row leaves the stable-time operator only
+after the records it covers have left the partition clock, so it is committed with them or later:
+a reader that sees stable time s sees every transaction with t <= s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import pickle
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pyflink.common import Configuration, Row, Types
+from pyflink.datastream import DataStream, KeyedProcessFunction, RuntimeContext, StreamExecutionEnvironment
+from pyflink.datastream.state import ValueState, ValueStateDescriptor
+from pyflink.table import StreamTableEnvironment
+
+from chronolake.iceberg.algebra import KeyState
+from chronolake.iceberg.dataset import DatasetSpec
+from chronolake.streaming.transactions import (
+    QUARANTINE_SUFFIX,
+    UNROUTED_QUARANTINE,
+    EntityTimeline,
+    EventRouter,
+    Routed,
+    SinkRow,
+    insert_sql,
+    quarantine_columns,
+    source_name,
+    stable_system_time,
+    system_time,
+    table_columns,
+)
+
+CATALOG = "chronolake"
+MAX_PARALLELISM = 128
+ASSERT = "assert"
+SINK = "sink"
+
+# Between the Python operators rows travel positionally (thread mode drops field names).
+CLOCKED = Types.ROW(
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.INT(), Types.LONG(), Types.STRING()]
+)  # kind, target (dataset or table), entity key text, t, partition, offset, body
+ROWS = Types.ROW([Types.STRING(), Types.STRING()])  # target table, JSON list of the row's text values
+TICK = Types.ROW([Types.INT(), Types.LONG()])  # partition, t
+
+
+def catalog_properties(home: Path) -> dict[str, str]:
+    """Iceberg's JdbcCatalog on the SQLite file of the tools' SqlCatalog (docs/streaming-runtime.md)."""
+    return {
+        "type": "iceberg",
+        "catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
+        "uri": f"jdbc:sqlite:{home / 'catalog.db'}",
+        "warehouse": f"file://{home / 'warehouse'}",
+        "jdbc.schema-version": "V1",
+        "jdbc.journal_mode": "WAL",
+        "jdbc.busy_timeout": "30000",
+    }
+
+
+def _with_clause(props: dict[str, str]) -> str:
+    return ", ".join(f"'{k}' = '{v}'" for k, v in props.items())
+
+
+def _sink_row(row: SinkRow) -> Row:
+    return Row(row.target, json.dumps(row.values))
+
+
+class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
+    """Keyed by source partition: assigns each record its system time in partition order, then
+    validates it. The last t lives in keyed state, so a replay from a checkpoint assigns the same t."""
+
+    def __init__(self, specs: dict[str, str], topic: str, max_event_bytes: int) -> None:
+        self.specs = specs
+        self.topic = topic
+        self.max_event_bytes = max_event_bytes
+        self.last_t: ValueState | None = None
+        self.router: EventRouter | None = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.last_t = runtime_context.get_state(ValueStateDescriptor("last_system_time_us", Types.LONG()))
+        specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
+        self.router = EventRouter(specs, self.max_event_bytes)
+
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
+        assert self.last_t is not None and self.router is not None
+        raw, partition, offset, log_time_ms = value[0], int(value[1]), int(value[2]), int(value[3])
+        t = system_time(log_time_ms, self.last_t.value())
+        self.last_t.update(t)
+        source = source_name(self.topic, partition, offset)
+        routed = self.router.route(raw if raw is not None else "", source, offset, t)
+        if isinstance(routed, Routed):
+            yield Row(ASSERT, routed.dataset, routed.entity, t, partition, offset, raw)
+        else:
+            yield Row(SINK, routed.target, None, t, partition, offset, json.dumps(routed.values))
+
+
+class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
+    """Keyed by (dataset, key): the key's `KeyState` in RocksDB, one transaction per record.
+
+    A key the state does not know starts from the table's state at launch (the bootstrap file).
+    """
+
+    def __init__(self, specs: dict[str, str], topic: str, bootstrap: str) -> None:
+        self.specs = specs
+        self.topic = topic
+        self.bootstrap_path = bootstrap
+        self.state: ValueState | None = None
+        self.timelines: dict[str, EntityTimeline] = {}
+        self.bootstrap: dict[str, dict[Any, KeyState]] = {}
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        # Text (base64 of a pickle): thread mode fails to convert an empty BYTES state to Python.
+        self.state = runtime_context.get_state(ValueStateDescriptor("key_state", Types.STRING()))
+        self.timelines = {
+            name: EntityTimeline(DatasetSpec.from_json(name, text)) for name, text in self.specs.items()
+        }
+        self.bootstrap = pickle.loads(Path(self.bootstrap_path).read_bytes()) if self.bootstrap_path else {}
+
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
+        assert self.state is not None
+        _, dataset, _, t, partition, offset, raw = value
+        timeline = self.timelines[dataset]
+        stored = self.state.value()
+        if stored is not None:
+            state: KeyState = pickle.loads(base64.b64decode(stored))
+        else:
+            key = timeline.parser.parse(json.loads(raw)).key
+            state = self.bootstrap.get(dataset, {}).get(key) or KeyState()
+        rows = timeline.apply(state, raw, source_name(self.topic, partition, offset), offset, t)
+        self.state.update(base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
+        for row in rows:
+            yield _sink_row(row)
+
+
+class StableTime(KeyedProcessFunction):  # type: ignore[misc]
+    """One key for the whole job: each partition's high-water mark (the t of its latest record)
+    and when it was last seen; every interval, when the stable system time (`stable_system_time`)
+    has advanced, a control row per dataset publishes it."""
+
+    def __init__(self, specs: dict[str, str], partitions: int, interval_ms: int, idle_ms: int) -> None:
+        self.specs = specs
+        self.partitions = partitions
+        self.interval_ms = interval_ms
+        self.idle_ms = idle_ms
+        self.progress: ValueState | None = None
+        self.timelines: list[EntityTimeline] = []
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.progress = runtime_context.get_state(ValueStateDescriptor("stable_progress", Types.STRING()))
+        self.timelines = [EntityTimeline(DatasetSpec.from_json(n, s)) for n, s in sorted(self.specs.items())]
+
+    def _load(self) -> dict[str, Any]:
+        assert self.progress is not None
+        text = self.progress.value()
+        return json.loads(text) if text else {"marks": {}, "seen": {}, "published": None, "timer": False}
+
+    def _schedule(self, progress: dict[str, Any], ctx: KeyedProcessFunction.Context) -> None:
+        if not progress["timer"]:
+            service = ctx.timer_service()
+            service.register_processing_time_timer(service.current_processing_time() + self.interval_ms)
+            progress["timer"] = True
+
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
+        assert self.progress is not None
+        progress = self._load()
+        partition, t = str(value[0]), int(value[1])
+        progress["marks"][partition] = max(t, progress["marks"].get(partition, t))
+        progress["seen"][partition] = ctx.timer_service().current_processing_time()
+        self._schedule(progress, ctx)
+        self.progress.update(json.dumps(progress))
+        return iter(())
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterable[Row]:
+        assert self.progress is not None
+        progress = self._load()
+        progress["timer"] = False
+        marks = {int(p): t for p, t in progress["marks"].items()}
+        seen = {int(p): ms for p, ms in progress["seen"].items()}
+        stable = stable_system_time(marks, seen, timestamp, self.partitions, self.idle_ms)
+        if stable is not None and (progress["published"] is None or stable > progress["published"]):
+            progress["published"] = stable
+            for timeline in self.timelines:
+                yield _sink_row(timeline.control(stable))
+        if marks and progress["published"] != max(marks.values()):
+            # Not everything is published yet: idleness may still release it without new records.
+            self._schedule(progress, ctx)
+        self.progress.update(json.dumps(progress))
+
+
+def build_configuration(args: argparse.Namespace) -> Configuration:
+    config = Configuration()
+    settings = {
+        "python.execution-mode": "thread",
+        "python.executable": sys.executable,
+        "python.client.executable": sys.executable,
+        "state.backend.type": "rocksdb",
+        "execution.checkpointing.incremental": "true",
+        "execution.checkpointing.interval": f"{args.checkpoint_interval_ms} ms",
+        "execution.checkpointing.mode": "EXACTLY_ONCE",
+        "execution.checkpointing.dir": Path(args.checkpoint_dir).resolve().as_uri(),
+        "parallelism.default": str(args.parallelism),
+        "pipeline.max-parallelism": str(MAX_PARALLELISM),
+        "table.local-time-zone": "UTC",
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": str(args.restart_attempts),
+        "restart-strategy.fixed-delay.delay": "1 s",
+    }
+    if args.restore_from:
+        settings["execution.state-recovery.path"] = Path(args.restore_from).resolve().as_uri()
+    for key, value in settings.items():
+        config.set_string(key, value)
+    return config
+
+
+def _to_table(t_env: StreamTableEnvironment, rows: DataStream, table: str, names: list[str], view: str) -> str:
+    typed = (
+        rows.filter(lambda r, target=table: r[0] == target)
+        .uid(f"sink-{table}-filter")
+        .name(f"sink-{table}-filter")
+        .map(lambda r: Row(*json.loads(r[1])), output_type=Types.ROW_NAMED(names, [Types.STRING()] * len(names)))
+        .uid(f"sink-{table}")
+        .name(f"sink-{table}")
+    )
+    t_env.create_temporary_view(view, t_env.from_data_stream(typed))
+    return view
+
+
+def run(args: argparse.Namespace) -> None:
+    plan = json.loads(Path(args.plan).read_text())
+    specs: dict[str, str] = plan["datasets"]
+    namespace: str = plan["namespace"]
+    env = StreamExecutionEnvironment.get_execution_environment(build_configuration(args))
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    t_env.execute_sql(
+        f"CREATE CATALOG {CATALOG} WITH ({_with_clause(catalog_properties(Path(plan['home'])))})"
+    )
+    source = {
+        "connector": "kafka",
+        "topic": args.topic,
+        "properties.bootstrap.servers": args.bootstrap_servers,
+        "properties.group.id": args.group_id,
+        "scan.startup.mode": "earliest-offset",
+        "format": "raw",
+    }
+    t_env.execute_sql(
+        f"""
+        CREATE TEMPORARY TABLE kafka_source (
+            payload STRING,
+            kafka_partition INT METADATA FROM 'partition' VIRTUAL,
+            kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
+            log_time TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
+        ) WITH ({_with_clause(source)})
+        """
+    )
+    # Epoch milliseconds: a TIMESTAMP would reach Python as an opaque Java object in thread mode.
+    records = t_env.to_data_stream(
+        t_env.sql_query(
+            """
+            SELECT payload, kafka_partition, kafka_offset,
+                   CAST(EXTRACT(EPOCH FROM log_time) AS BIGINT) * 1000
+                       + EXTRACT(MILLISECOND FROM log_time) AS log_time_ms
+            FROM kafka_source
+            """
+        )
+    )
+    clocked = (
+        records.key_by(lambda r: r[1], key_type=Types.INT())
+        .process(PartitionClock(specs, args.topic, args.max_event_bytes), output_type=CLOCKED)
+        .uid("partition-clock")
+        .name("partition-clock")
+    )
+    rejected = (
+        clocked.filter(lambda r: r[0] == SINK).uid("rejected").name("rejected")
+        .map(lambda r: Row(r[1], r[6]), output_type=ROWS).uid("rejected-rows").name("rejected-rows")
+    )
+    versions = (
+        clocked.filter(lambda r: r[0] == ASSERT).uid("assertions").name("assertions")
+        .key_by(lambda r: f"{r[1]}\x00{r[2]}", key_type=Types.STRING())
+        .process(KeyTimeline(specs, args.topic, args.bootstrap), output_type=ROWS)
+        .uid("entity-timeline")
+        .name("entity-timeline")
+    )
+    controls = (
+        clocked.map(lambda r: Row(r[4], r[3]), output_type=TICK).uid("ticks").name("ticks")
+        .key_by(lambda r: 0, key_type=Types.INT())
+        .process(StableTime(specs, int(plan["partitions"]), args.stable_interval_ms, args.idle_partition_ms), output_type=ROWS)
+        .uid("stable-time")
+        .name("stable-time")
+    )
+    rows = versions.union(rejected, controls)
+
+    statements = t_env.create_statement_set()
+    tables: list[tuple[str, list[str]]] = []
+    for name, text in sorted(specs.items()):
+        spec = DatasetSpec.from_json(name, text)
+        tables.append((name, [c.name for c in table_columns(spec)]))
+        tables.append((name + QUARANTINE_SUFFIX, [c.name for c in quarantine_columns()]))
+    tables.append((UNROUTED_QUARANTINE, [c.name for c in quarantine_columns()]))
+    for index, (table, names) in enumerate(tables):
+        view = _to_table(t_env, rows, table, names, f"rows_{index}")
+        columns = quarantine_columns() if table.endswith(QUARANTINE_SUFFIX) else table_columns(
+            DatasetSpec.from_json(table, specs[table])
+        )
+        statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, columns))
+    statements.execute().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", required=True, help="plan.json written by runtime.prepare_stream_job")
+    parser.add_argument("--bootstrap", default="", help="pickled {dataset: {key: KeyState}} from the tables")
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--group-id", default="chronolake-stream")
+    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)
+    parser.add_argument(
+        "--stable-interval-ms", type=int, default=1000, help="how often the stable system time is published"
+    )
+    parser.add_argument(
+        "--idle-partition-ms",
+        type=int,
+        default=10_000,
+        help="a partition without records this long no longer holds the stable system time back",
+    )
+    parser.add_argument("--max-event-bytes", type=int, default=1 << 20, help="longer events are quarantined")
+    parser.add_argument("--parallelism", type=int, default=1)
+    parser.add_argument(
+        "--restart-attempts",
+        type=int,
+        default=0,
+        help="restarts from the last checkpoint before the job fails (tests want the failure)",
+    )
+    parser.add_argument("--restore-from", default="", help="a retained checkpoint (chk-N folder)")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

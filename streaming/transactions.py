@@ -1,0 +1,276 @@
+"""What the bitemporal job does with one Kafka record, without Flink: the pure core of `job.py`.
+
+Imported by the job's Python functions inside the Flink mini-cluster (thread mode), so it uses only
+the standard library and the pure modules of `chronolake.iceberg` (algebra, parsing, dataset,
+temporal). The tools env imports it too, for unit tests and for the SQL the job runs.
+
+Flow per record: `system_time` (per source partition, in partition order) -> `EventRouter.route`
+(decode, pick the dataset, validate with the shared `AssertionParser`; bad input becomes a
+quarantine row) -> `EntityTimeline.apply` (one `KeyTransaction` at `t` on the key's `KeyState`) ->
+rows of the twin-row layout, each a `SinkRow` addressed to one Iceberg table. Every value of a sink
+row is text (or None): thread mode converts only simple types, and Flink SQL casts the text to the
+table's column types (`insert_sql`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction, Segment
+from chronolake.iceberg.dataset import (
+    CLOSED,
+    CONTROL,
+    EVENT,
+    EVENT_DIGEST,
+    EVENT_ID,
+    OPEN,
+    ROW_KIND,
+    TIME_COLUMNS,
+    Column,
+    DatasetSpec,
+)
+from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
+from chronolake.iceberg.temporal import SENTINEL
+
+QUARANTINE_SUFFIX = "__quarantine"
+#: Where records go whose dataset cannot be known (broken JSON, no or an unknown `dataset`). The
+#: hyphen makes it a name no dataset can have (dataset names are letters, digits, underscores).
+UNROUTED_QUARANTINE = "stream-unrouted" + QUARANTINE_SUFFIX
+DATASET_FIELD = "dataset"
+#: Longest record value applied; longer ones are quarantined with their first `RAW_KEPT` characters.
+DEFAULT_MAX_EVENT_BYTES = 1 << 20
+RAW_KEPT = 4096
+QUARANTINE_COLUMNS = ("source", "source_sha256", "line", "reason", "raw", "system_time")
+#: Types of the quarantine table's columns (`chronolake.iceberg.table.quarantine_schema`).
+QUARANTINE_TYPES = {"line": "long", "system_time": "timestamp"}
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+Text = str | None
+
+
+class SinkRow(NamedTuple):
+    """One row for one Iceberg table (`target` = table name in the job's namespace), all values text."""
+
+    target: str
+    values: tuple[Text, ...]
+
+
+def system_time(log_time_ms: int, previous: int | None) -> int:
+    """`max(log timestamp, previous t of the partition + 1 us)`, in microseconds."""
+    t = log_time_ms * 1000
+    return t if previous is None or t > previous else previous + 1
+
+
+def sql_timestamp(micros: int) -> str:
+    """`yyyy-MM-dd HH:mm:ss.ffffff` (UTC), the text Flink casts to TIMESTAMP(6) exactly."""
+    d = _EPOCH + timedelta(microseconds=micros)
+    return (
+        f"{d.year:04d}-{d.month:02d}-{d.day:02d} "
+        f"{d.hour:02d}:{d.minute:02d}:{d.second:02d}.{d.microsecond:06d}"
+    )
+
+
+def source_name(topic: str, partition: int, offset: int) -> str:
+    return f"kafka:{topic}/{partition}@{offset}"
+
+
+def quarantine_row(target: str, source: str, offset: int, reason: str, raw: str, t: int) -> SinkRow:
+    kept = raw if len(raw) <= RAW_KEPT else raw[:RAW_KEPT]
+    return SinkRow(target, (source, None, str(offset), reason, kept, sql_timestamp(t)))
+
+
+def table_columns(spec: DatasetSpec) -> list[Column]:
+    """The dataset table's columns in schema order (`chronolake.iceberg.schema.iceberg_schema`)."""
+    return [
+        *spec.key,
+        *spec.columns,
+        *(Column(name, "timestamp") for name in TIME_COLUMNS),
+        Column(ROW_KIND, "string"),
+        Column(EVENT_ID, "string"),
+        Column(EVENT_DIGEST, "string"),
+    ]
+
+
+def quarantine_columns() -> list[Column]:
+    return [Column(name, QUARANTINE_TYPES.get(name, "string")) for name in QUARANTINE_COLUMNS]
+
+
+def _sql_cast(name: str, column_type: str) -> str:
+    quoted = f"`{name}`"
+    if column_type == "string":
+        return quoted
+    if column_type == "timestamp":
+        # Flink 1.20's TO_TIMESTAMP_LTZ takes only precision 0 or 3; the session zone is UTC.
+        return f"CAST(CAST({quoted} AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6))"
+    sql_type = {"long": "BIGINT", "double": "DOUBLE", "date": "DATE", "boolean": "BOOLEAN"}.get(column_type)
+    return f"CAST({quoted} AS {sql_type or column_type.upper()})"
+
+
+def insert_sql(catalog: str, namespace: str, table: str, view: str, columns: list[Column]) -> str:
+    """`INSERT INTO` a table from a view of text columns with the same names."""
+    names = ", ".join(f"`{c.name}`" for c in columns)
+    casts = ", ".join(_sql_cast(c.name, c.type) for c in columns)
+    return f"INSERT INTO `{catalog}`.`{namespace}`.`{table}` ({names}) SELECT {casts} FROM `{view}`"
+
+
+def _text(value: Any, column_type: str) -> Text:
+    """A payload or key value (the algebra's representation) as text Flink SQL casts back exactly."""
+    if value is None:
+        return None
+    if column_type == "timestamp":
+        return sql_timestamp(value)
+    if column_type == "boolean":
+        return "true" if value else "false"
+    if column_type == "double":
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(float(value))
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A record that parsed: its dataset, key and assertion, and the canonical key text to key by."""
+
+    dataset: str
+    key: Key
+    entity: str
+    assertion: Assertion
+
+
+class EventRouter:
+    """Decodes a record value and validates it against its dataset; bad records become quarantine rows."""
+
+    def __init__(self, specs: dict[str, DatasetSpec], max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self.parsers = {name: AssertionParser(spec) for name, spec in specs.items()}
+        self.max_event_bytes = max_event_bytes
+
+    def route(self, raw: str, source: str, offset: int, t: int) -> Routed | SinkRow:
+        record: Any = None
+        if len(raw.encode("utf-8", "surrogatepass")) <= self.max_event_bytes:
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):
+                return quarantine_row(UNROUTED_QUARANTINE, source, offset, "not a JSON object", raw, t)
+        dataset = record.get(DATASET_FIELD) if isinstance(record, dict) else None
+        if record is None:
+            # Too large to parse safely: route by a cheap look at the text, never by decoding it.
+            dataset = _dataset_by_prefix(raw, self.parsers)
+            target = UNROUTED_QUARANTINE if dataset is None else dataset + QUARANTINE_SUFFIX
+            reason = f"event of {len(raw.encode('utf-8', 'surrogatepass'))} bytes exceeds {self.max_event_bytes}"
+            return quarantine_row(target, source, offset, reason, raw, t)
+        if not isinstance(record, dict):
+            return quarantine_row(UNROUTED_QUARANTINE, source, offset, "not a JSON object", raw, t)
+        if "\\u" in raw and not _encodable(record):
+            # A lone surrogate (`"\\ud800"`) cannot become a Java string; it would fail the job.
+            return quarantine_row(UNROUTED_QUARANTINE, source, offset, "invalid unicode escape", raw, t)
+        if not isinstance(dataset, str) or dataset not in self.parsers:
+            return quarantine_row(UNROUTED_QUARANTINE, source, offset, f"unknown dataset {dataset!r}", raw, t)
+        try:
+            assertion = self.parsers[dataset].parse(record)
+        except InvalidAssertion as error:
+            return quarantine_row(dataset + QUARANTINE_SUFFIX, source, offset, str(error), raw, t)
+        return Routed(dataset, assertion.key, repr(assertion.key), assertion)
+
+
+def _encodable(record: dict[str, Any]) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dataset_by_prefix(raw: str, parsers: dict[str, AssertionParser]) -> str | None:
+    head = raw[:RAW_KEPT]
+    for name in parsers:
+        if f'"{DATASET_FIELD}": "{name}"' in head or f'"{DATASET_FIELD}":"{name}"' in head:
+            return name
+    return None
+
+
+class EntityTimeline:
+    """Applies one record (one transaction) to one key's state and gives the rows of its net effect."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self.parser = AssertionParser(spec)
+        self._key_types = [c.type for c in spec.key]
+        self._payload_types = [c.type for c in spec.columns]
+        self._quarantine = spec.name + QUARANTINE_SUFFIX
+
+    def apply(self, state: KeyState, raw: str, source: str, offset: int, t: int) -> list[SinkRow]:
+        """Mutates `state`. `raw` is re-parsed here: an `Assertion` (decimals, dates) does not cross
+        Flink's Python boundary, and parsing is deterministic, so both stages see the same assertion."""
+        assertion = self.parser.parse(json.loads(raw))
+        latest = max((s.system_from for s in state.segments), default=None)
+        if latest is not None and t <= latest:
+            # Only another writer (a batch load with a later clock) can cause this; the algebra
+            # needs t after every version it closes, so the record is kept aside, not misapplied.
+            reason = f"system time {sql_timestamp(t)} is not after the key's latest version {sql_timestamp(latest)}"
+            return [quarantine_row(self._quarantine, source, offset, reason, raw, t)]
+        transaction = KeyTransaction(state, t)
+        refused = transaction.apply(assertion)
+        if refused is not None:
+            return [quarantine_row(self._quarantine, source, offset, refused, raw, t)]
+        change = transaction.finish()
+        key = assertion.key
+        rows = [self._version(key, s, t, CLOSED) for s in change.closed]
+        rows += [self._version(key, s, SENTINEL, OPEN) for s in change.opened]
+        rows += [self._marker(key, t, EVENT, event_id, digest) for event_id, digest in change.events]
+        return rows
+
+    def control(self, stable: int) -> SinkRow:
+        """The row that publishes the dataset's stable system time (`system_from` = stable)."""
+        return self._marker(None, stable, CONTROL, None, None)
+
+    def _key_text(self, key: Key | None) -> tuple[Text, ...]:
+        if key is None:
+            return (None,) * len(self._key_types)
+        return tuple(_text(v, kind) for v, kind in zip(key, self._key_types))
+
+    def _version(self, key: Key, segment: Segment, system_to: int, kind: str) -> SinkRow:
+        payload = tuple(_text(v, kind) for v, kind in zip(segment.payload, self._payload_types))
+        times = (
+            sql_timestamp(segment.valid_from),
+            sql_timestamp(segment.valid_to),
+            sql_timestamp(segment.system_from),
+            sql_timestamp(system_to),
+        )
+        values = (*self._key_text(key), *payload, *times, kind, segment.event_id, segment.event_digest)
+        return SinkRow(self.spec.name, values)
+
+    def _marker(self, key: Key | None, system_from: int, kind: str, event_id: str | None, digest: str | None) -> SinkRow:
+        blank_payload = (None,) * len(self._payload_types)
+        times = (None, None, sql_timestamp(system_from), None)
+        values = (*self._key_text(key), *blank_payload, *times, kind, event_id, digest)
+        return SinkRow(self.spec.name, values)
+
+
+def stable_system_time(
+    high_water_marks: dict[int, int], last_seen_ms: dict[int, int], now_ms: int, partitions: int, idle_ms: int
+) -> int | None:
+    """The stable system time: min over source partitions of their high-water mark (the t of their
+    latest record). A partition with no record for `idle_ms` of processing time counts as caught
+    up and idle and does not hold the others back; when all are idle, the maximum mark is stable.
+    None until every partition has delivered a record.
+
+    The idleness rule assumes the job's consumer is not lagging on an idle partition: a record
+    appended to it would get a log time of at least the broker's clock at append time.
+    """
+    if partitions <= 0 or len(high_water_marks) < partitions:
+        return None
+    active = [t for p, t in high_water_marks.items() if now_ms - last_seen_ms.get(p, now_ms) < idle_ms]
+    return min(active) if active else max(high_water_marks.values())

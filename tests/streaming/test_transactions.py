@@ -1,0 +1,83 @@
+"""The job's pure core without Flink: system time, routing and quarantine reasons, rows, stable time."""
+
+from __future__ import annotations
+
+import json
+
+from chronolake.iceberg.algebra import KeyState
+from chronolake.iceberg.dataset import Column, DatasetSpec
+from chronolake.iceberg.temporal import SENTINEL
+from chronolake.streaming.transactions import (
+    UNROUTED_QUARANTINE,
+    EntityTimeline,
+    EventRouter,
+    Routed,
+    SinkRow,
+    sql_timestamp,
+    stable_system_time,
+    system_time,
+)
+
+SPEC = DatasetSpec("prices", key=(Column("k", "string"),), columns=(Column("x", "long"),))
+
+
+def event(**fields: object) -> str:
+    return json.dumps({"dataset": "prices", "k": "a", "x": 1, "valid_from": "2024-01-01", **fields})
+
+
+def test_system_time_follows_the_log_but_always_moves_forward() -> None:
+    assert system_time(1_000, None) == 1_000_000
+    assert system_time(1_000, 1_000_000) == 1_000_001
+    assert system_time(999, 1_000_005) == 1_000_006
+    assert system_time(2_000, 1_000_005) == 2_000_000
+
+
+def test_bad_records_are_routed_to_a_quarantine_with_a_reason() -> None:
+    router = EventRouter({"prices": SPEC}, max_event_bytes=200)
+    cases = {
+        "{not json": (UNROUTED_QUARANTINE, "not a JSON object"),
+        "[1, 2]": (UNROUTED_QUARANTINE, "not a JSON object"),
+        event(dataset="nope"): (UNROUTED_QUARANTINE, "unknown dataset 'nope'"),
+        event(x="abc"): ("prices__quarantine", "x: expected an integer"),
+        event(valid_to="2024-01-01"): ("prices__quarantine", "is not after valid_from"),
+        event(op="merge"): ("prices__quarantine", "unknown op"),
+        event(note="y" * 300): ("prices__quarantine", "exceeds 200"),
+        event(k="\\ud800"): (UNROUTED_QUARANTINE, "invalid unicode escape"),
+    }
+    for raw, (table, reason) in cases.items():
+        raw = raw.replace("\\\\ud800", "\\ud800")
+        routed = router.route(raw, "kafka:t/0@7", 7, 5)
+        assert isinstance(routed, SinkRow), raw
+        assert routed.target == table
+        source, sha, line, text, kept, at = routed.values
+        assert (source, sha, line, at) == ("kafka:t/0@7", None, "7", sql_timestamp(5))
+        assert text is not None and reason in text, (raw, text)
+    good = router.route(event(), "kafka:t/0@8", 8, 6)
+    assert isinstance(good, Routed) and good.key == ("a",)
+
+
+def test_one_record_writes_its_net_effect_as_twin_rows() -> None:
+    timeline = EntityTimeline(SPEC)
+    state = KeyState()
+    first = timeline.apply(state, event(event_id="e1"), "s", 0, 10)
+    assert [(r.values[0], r.values[1], r.values[5], r.values[6]) for r in first] == [("a", "1", sql_timestamp(SENTINEL), "open")]
+    second = timeline.apply(state, event(x=2, valid_to="2024-01-02", event_id="e2"), "s", 1, 20)
+    kinds = sorted((r.values[6], r.values[1], r.values[4], r.values[5]) for r in second)
+    assert kinds == [
+        ("closed", "1", sql_timestamp(10), sql_timestamp(20)),
+        ("open", "1", sql_timestamp(20), sql_timestamp(SENTINEL)),
+        ("open", "2", sql_timestamp(20), sql_timestamp(SENTINEL)),
+    ]
+    assert timeline.apply(state, event(x=2, valid_to="2024-01-02", event_id="e2"), "s", 2, 30) == []
+    conflict = timeline.apply(state, event(x=3, event_id="e2"), "s", 3, 40)
+    assert [r.target for r in conflict] == ["prices__quarantine"]
+    deleted = timeline.apply(state, event(op="delete", event_id="e3"), "s", 4, 50)
+    assert sorted(r.values[6] for r in deleted) == ["closed", "closed", "event"]
+
+
+def test_stable_time_is_the_slowest_partition_unless_it_is_idle() -> None:
+    marks = {0: 100, 1: 300}
+    assert stable_system_time({0: 100}, {0: 0}, 0, 2, 1_000) is None
+    assert stable_system_time(marks, {0: 900, 1: 900}, 1_000, 2, 1_000) == 100
+    assert stable_system_time(marks, {0: 0, 1: 900}, 1_000, 2, 1_000) == 300
+    assert stable_system_time(marks, {0: 0, 1: 0}, 1_000, 2, 1_000) == 300
