@@ -64,7 +64,7 @@ def cell_time(cell: int) -> str:
 
 
 def cell_of(micros: int) -> int:
-    return (micros - micros_from_datetime(BASE)) // 86_400_000_000
+    return int((micros - micros_from_datetime(BASE)) // 86_400_000_000)
 
 
 class Stream:
@@ -249,22 +249,23 @@ def test_stream_matches_reference_model_and_quarantines_bad_events(
         # The last record of each partition: once their versions and a stable time covering them
         # are committed, everything before them is too.
         for partition in range(PARTITIONS):
-            end = {"dataset": "prices", "k": f"end-{partition}", "x": 0, "valid_from": cell_time(0),
+            end: dict[str, Any] = {"dataset": "prices", "k": f"end-{partition}", "x": 0, "valid_from": cell_time(0),
                    "event_id": f"end-{partition}"}
             producer.send(end["k"], json.dumps(end), "end")
         producer.close()
 
         def all_committed() -> bool:
             times = first_system_times(rows_of(prices))
-            ends = [times.get(f"end-{p}") for p in range(PARTITIONS)]
+            ends = [times[f"end-{p}"] for p in range(PARTITIONS) if f"end-{p}" in times]
             stable = prices.stable_system_time()
-            return all(e is not None for e in ends) and stable is not None and stable >= max(ends)  # type: ignore[type-var]
+            return len(ends) == PARTITIONS and stable is not None and stable >= max(ends)
 
         wait_until(all_committed, job, log, "every record committed under the stable system time")
         expected_quarantined = sum(1 for label, _ in producer.records.values() if label in BAD_CLASSES)
 
         def quarantine_complete() -> bool:
-            return sum(q.refresh().scan().to_arrow().num_rows for q in quarantines(lake)) >= expected_quarantined
+            committed: int = sum(q.refresh().scan().to_arrow().num_rows for q in quarantines(lake))
+            return committed >= expected_quarantined
 
         wait_until(quarantine_complete, job, log, "every bad event quarantined")
         assert job.poll() is None, "the job stopped although it is unbounded"
