@@ -165,12 +165,13 @@ class Dataset:
         return self.table.stable_system_time()
 
     def _known_at(self, known_at: TimeLike | None, allow_unstable: bool) -> tuple[int, int]:
-        stable = self.stable_system_time()
-        if stable is None:
-            stable = 0
+        committed = self.stable_system_time()
+        stable = 0 if committed is None else committed
         if known_at is None:
             return stable, stable
         t = micros(known_at, "known-at")
+        if committed is None and not allow_unstable:
+            raise UnstableRead(f"dataset {self.name!r} has no committed transaction yet")
         if t > stable and not allow_unstable:
             raise UnstableRead(
                 f"known-at {format_micros(t)} is after the stable system time {format_micros(stable)} of "

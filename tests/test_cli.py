@@ -110,3 +110,10 @@ def test_multi_column_keys_on_the_command_line(cli: Run, tmp_path: Path) -> None
     assert len(result.stdout.splitlines()) == 2
     history = cli("history", "fx", "EUR", "USD", "-f", "csv")
     assert history.stdout.splitlines()[1].startswith("EUR,USD,1.1,")
+
+
+def test_querying_an_empty_dataset_says_so(cli: Run) -> None:
+    assert cli("dataset", "create", "empty", "--key", "id", "--column", "v:long").returncode == 0
+    result = cli("query", "empty", "--valid-at", "2024-01-01", "--known-at", "2024-01-02")
+    assert result.returncode == 1 and "has no committed transaction yet" in result.stderr
+    assert cli("query", "empty", "--valid-at", "2024-01-01", "-f", "json").stdout == ""
