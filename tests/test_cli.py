@@ -74,6 +74,8 @@ def test_create_load_query_round_trip(cli: Run, tmp_path: Path) -> None:
 )
 def test_user_mistakes_are_one_line_errors(cli: Run, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     assert cli("dataset", "create", "levels", "--key", "id", "--column", "v:long").returncode == 0
+    (tmp_path / "one.csv").write_text("id,v,valid_from\nA,1,2024-01-01\n")
+    assert cli("load", "levels", str(tmp_path / "one.csv")).returncode == 0
     (tmp_path / "notes.txt").write_text("hello")
     result = cli(*[str(tmp_path / a) if a in ("missing.csv", "notes.txt") else a for a in args])
     assert result.returncode == 1
