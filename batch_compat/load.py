@@ -31,7 +31,8 @@ from chronolake.iceberg.algebra import UPSERT, Assertion, Key, KeyState, KeyTran
 from chronolake.iceberg.exceptions import ChronolakeError, CommitConflict, ConfigError, SystemTimeError, UnreadableFile
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.rows import RowBuilder
-from chronolake.iceberg.table import BitemporalTable, quarantine_schema
+from chronolake.iceberg.schema import quarantine_schema
+from chronolake.iceberg.table import BitemporalTable
 from chronolake.iceberg.temporal import PERIODS, TimestampError, add_period, format_micros, to_micros
 
 ALREADY_LOADED = "already loaded"

@@ -27,6 +27,7 @@ from chronolake.iceberg.catalog import open_catalog
 from chronolake.iceberg.config import LakeSettings, load_declarations
 from chronolake.iceberg.dataset import (
     FILE,
+    QUARANTINE_SUFFIX,
     ROW_KIND,
     SYSTEM_FROM,
     SYSTEM_TO,
@@ -40,7 +41,7 @@ from chronolake.iceberg.diff import diff_timelines
 from chronolake.iceberg.exceptions import ConfigError, UnstableRead
 from chronolake.iceberg.rows import python_columns
 from chronolake.iceberg.schema import TIMESTAMP, arrow_type
-from chronolake.iceberg.table import QUARANTINE_SUFFIX, BitemporalTable
+from chronolake.iceberg.table import BitemporalTable
 from chronolake.iceberg.temporal import TimestampError, format_micros, to_micros
 
 TimeLike = str | datetime | date | int

@@ -23,8 +23,6 @@ EVENT_ID = "event_id"
 EVENT_DIGEST = "event_digest"
 TIME_COLUMNS = (VALID_FROM, VALID_TO, SYSTEM_FROM, SYSTEM_TO)
 SYSTEM_COLUMNS = (*TIME_COLUMNS, ROW_KIND, EVENT_ID, EVENT_DIGEST)
-#: Columns of an assertion file that are not key or payload.
-ASSERTION_COLUMNS = (VALID_FROM, VALID_TO, "op", EVENT_ID)
 
 # Row kinds of the "twin rows" layout (docs/storage.md).
 OPEN = "open"
@@ -32,7 +30,9 @@ CLOSED = "closed"
 EVENT = "event"  # an applied event id no version row carries (deletes, superseded in-transaction)
 FILE = "file"  # a loaded file's SHA-256 (the idempotency ledger), committed with its rows
 CONTROL = "control"  # the stable system time published by the commit
-VERSION_KINDS = (OPEN, CLOSED)
+
+#: The quarantine table beside each dataset table, and its columns.
+QUARANTINE_SUFFIX = "__quarantine"
 
 SPEC_PROPERTY = "chronolake.dataset"
 DEFAULT_BUCKETS = 16
@@ -46,6 +46,16 @@ TYPE_NAMES = "string, long, double, decimal(p,s), date, timestamp, boolean"
 class Column:
     name: str
     type: str
+
+
+QUARANTINE_COLUMNS = (
+    Column("source", "string"),
+    Column("source_sha256", "string"),
+    Column("line", "long"),
+    Column("reason", "string"),
+    Column("raw", "string"),
+    Column("system_time", "timestamp"),
+)
 
 
 def _normalise_type(text: str) -> str:
@@ -102,6 +112,17 @@ class DatasetSpec:
     @property
     def payload_names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def table_columns(self) -> tuple[Column, ...]:
+        """The dataset table's columns in schema order: the one definition of the physical layout."""
+        return (
+            *self.key,
+            *self.columns,
+            *(Column(name, "timestamp") for name in TIME_COLUMNS),
+            Column(ROW_KIND, "string"),
+            Column(EVENT_ID, "string"),
+            Column(EVENT_DIGEST, "string"),
+        )
 
     def to_json(self) -> str:
         return json.dumps(

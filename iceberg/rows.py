@@ -8,80 +8,42 @@ from typing import Any
 import pyarrow as pa
 
 from chronolake.iceberg.algebra import Key, KeyChange
-from chronolake.iceberg.dataset import (
-    CLOSED,
-    CONTROL,
-    EVENT,
-    FILE,
-    OPEN,
-    SYSTEM_FROM,
-    SYSTEM_TO,
-    VALID_FROM,
-    VALID_TO,
-    DatasetSpec,
-)
+from chronolake.iceberg.dataset import CONTROL, FILE, DatasetSpec
 from chronolake.iceberg.schema import TIMESTAMP, arrow_schema
-from chronolake.iceberg.temporal import SENTINEL
+from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 
 
 class RowBuilder:
-    """Accumulates the rows of one append; columns are built in bulk at the end."""
+    """Accumulates the rows of one append (:mod:`chronolake.iceberg.twins`) and builds Arrow columns."""
 
     def __init__(self, spec: DatasetSpec) -> None:
         self.spec = spec
         self._schema = arrow_schema(spec)
-        # (key, change, t) per key transaction; (key, system_from, kind, event_id, digest) per marker.
-        self._changes: list[tuple[Key, KeyChange, int]] = []
-        self._markers: list[tuple[Key | None, int, str, str | None, str | None]] = []
+        self._rows: list[StoredRow] = []
 
     def __len__(self) -> int:
-        return sum(len(c.opened) + len(c.closed) for _, c, _ in self._changes) + len(self._markers)
+        return len(self._rows)
 
     def add_change(self, key: Key, change: KeyChange, t: int) -> None:
-        self._changes.append((key, change, t))
-        if change.events:
-            self._markers.extend((key, t, EVENT, event_id, digest) for event_id, digest in change.events)
+        self._rows.extend(change_rows(key, change, t))
 
     def add_file(self, sha256: str, t: int) -> None:
-        self._markers.append((None, t, FILE, f"sha256:{sha256}", None))
+        self._rows.append(marker_row(None, t, FILE, f"sha256:{sha256}"))
 
     def add_control(self, stable: int) -> None:
-        self._markers.append((None, stable, CONTROL, None, None))
+        self._rows.append(marker_row(None, stable, CONTROL))
 
     def to_arrow(self) -> pa.Table:
-        schema = self._schema
-        changes, markers = self._changes, self._markers
-        # Closed twins first, then open versions; the commit sorts the whole append anyway.
-        keys = [k for k, c, _ in changes for _s in c.closed]
-        closed_at = [t for _k, c, t in changes for _s in c.closed]
-        segments = [s for _k, c, _t in changes for s in c.closed]
-        closed_count = len(segments)
-        keys += [k for k, c, _ in changes for _s in c.opened]
-        segments += [s for _k, c, _t in changes for s in c.opened]
-        opened_count = len(segments) - closed_count
-        width, payload_width = len(self.spec.key), len(self.spec.columns)
-        blank_key = (None,) * width
-        keys += [m[0] or blank_key for m in markers]
-        payloads = [s[3] for s in segments] + [(None,) * payload_width] * len(markers)
-        none = [None] * len(markers)
-        arrays: list[pa.Array] = []
+        schema, rows = self._schema, self._rows
+        blank_key = (None,) * len(self.spec.key)
+        blank_payload = (None,) * len(self.spec.columns)
+        keys = [r[0] or blank_key for r in rows]
+        payloads = [blank_payload if r[1] is None else r[1] for r in rows]
         # Column by column: transposing with zip(*rows) is quadratic-ish in practice for 100k+ rows.
-        for index, column in enumerate(self.spec.key):
-            arrays.append(_array([k[index] for k in keys], schema.field(column.name).type))
-        for index, column in enumerate(self.spec.columns):
-            arrays.append(_array([p[index] for p in payloads], schema.field(column.name).type))
-        times = {
-            VALID_FROM: [s[0] for s in segments] + none,
-            VALID_TO: [s[1] for s in segments] + none,
-            SYSTEM_FROM: [s[2] for s in segments] + [m[1] for m in markers],
-            SYSTEM_TO: closed_at + [SENTINEL] * opened_count + none,
-        }
-        for name in (VALID_FROM, VALID_TO, SYSTEM_FROM, SYSTEM_TO):
-            arrays.append(pa.array(times[name], type=pa.int64()).cast(TIMESTAMP))
-        kinds = [CLOSED] * closed_count + [OPEN] * opened_count + [m[2] for m in markers]
-        arrays.append(pa.array(kinds, type=pa.string()))
-        arrays.append(pa.array([s[4] for s in segments] + [m[3] for m in markers], type=pa.string()))
-        arrays.append(pa.array([s[5] for s in segments] + [m[4] for m in markers], type=pa.string()))
+        arrays = [_array([k[i] for k in keys], schema.field(c.name).type) for i, c in enumerate(self.spec.key)]
+        arrays += [_array([p[i] for p in payloads], schema.field(c.name).type) for i, c in enumerate(self.spec.columns)]
+        arrays += [pa.array([r[i] for r in rows], type=pa.int64()).cast(TIMESTAMP) for i in range(2, 6)]
+        arrays += [pa.array([r[i] for r in rows], type=pa.string()) for i in range(6, 9)]
         return pa.Table.from_arrays(arrays, schema=schema)
 
 

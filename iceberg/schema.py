@@ -21,16 +21,7 @@ from pyiceberg.types import (
     TimestamptzType,
 )
 
-from chronolake.iceberg.dataset import (
-    EVENT_DIGEST,
-    EVENT_ID,
-    ROW_KIND,
-    SYSTEM_FROM,
-    TIME_COLUMNS,
-    VALID_FROM,
-    Column,
-    DatasetSpec,
-)
+from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, ROW_KIND, SYSTEM_FROM, VALID_FROM, Column, DatasetSpec
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _DECIMAL = re.compile(r"^decimal\((\d+),(\d+)\)$")
@@ -70,28 +61,21 @@ def arrow_type(column: Column) -> pa.DataType:
 
 
 def iceberg_schema(spec: DatasetSpec) -> Schema:
-    # Every column is optional: control and ledger rows carry no key, and a null payload is a value.
-    fields = [
-        NestedField(field_id, column.name, iceberg_type(column), required=False)
-        for field_id, column in enumerate((*spec.key, *spec.columns), start=1)
-    ]
-    for name in TIME_COLUMNS:
-        fields.append(NestedField(len(fields) + 1, name, TimestamptzType(), required=False))
-    fields.append(NestedField(len(fields) + 1, ROW_KIND, StringType(), required=True))
-    fields.append(NestedField(len(fields) + 1, EVENT_ID, StringType(), required=False))
-    fields.append(NestedField(len(fields) + 1, EVENT_DIGEST, StringType(), required=False))
-    return Schema(*fields)
+    # Every column optional but row_kind: control and ledger rows carry no key, a null payload is a value.
+    return Schema(
+        *(
+            NestedField(field_id, c.name, iceberg_type(c), required=c.name == ROW_KIND)
+            for field_id, c in enumerate(spec.table_columns(), start=1)
+        )
+    )
 
 
 def arrow_schema(spec: DatasetSpec) -> pa.Schema:
-    fields = [pa.field(c.name, arrow_type(c)) for c in (*spec.key, *spec.columns)]
-    fields += [pa.field(name, TIMESTAMP) for name in TIME_COLUMNS]
-    fields += [
-        pa.field(ROW_KIND, pa.string(), nullable=False),
-        pa.field(EVENT_ID, pa.string()),
-        pa.field(EVENT_DIGEST, pa.string()),
-    ]
-    return pa.schema(fields)
+    return pa.schema([pa.field(c.name, arrow_type(c), nullable=c.name != ROW_KIND) for c in spec.table_columns()])
+
+
+def quarantine_schema() -> pa.Schema:
+    return pa.schema([pa.field(c.name, arrow_type(c)) for c in QUARANTINE_COLUMNS])
 
 
 def partition_spec(spec: DatasetSpec) -> PartitionSpec:

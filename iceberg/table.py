@@ -23,6 +23,7 @@ from chronolake.iceberg.dataset import (
     EVENT_ID,
     FILE,
     OPEN,
+    QUARANTINE_SUFFIX,
     ROW_KIND,
     SPEC_PROPERTY,
     SYSTEM_FROM,
@@ -33,11 +34,10 @@ from chronolake.iceberg.dataset import (
 from chronolake.iceberg.exceptions import CommitConflict, DatasetAlreadyExists, DatasetNotFound
 from chronolake.iceberg.queries import only_keys
 from chronolake.iceberg.rows import RowBuilder, python_columns
-from chronolake.iceberg.schema import TIMESTAMP, iceberg_schema, partition_spec, sort_order
+from chronolake.iceberg.schema import iceberg_schema, partition_spec, quarantine_schema, sort_order
 
 STABLE_PROPERTY = "chronolake.stable-system-time"
 OPERATION_PROPERTY = "chronolake.operation"
-QUARANTINE_SUFFIX = "__quarantine"
 #: pyiceberg (and Java Iceberg) re-apply a failed append or overwrite on top of whatever was committed
 #: meanwhile. For a batch transaction prepared from the snapshot it read, that would close versions
 #: that are no longer current; for a compaction, it would drop rows appended meanwhile. So a conflict
@@ -47,19 +47,6 @@ NO_COMMIT_RETRY = {"commit.retry.num-retries": "0"}
 #: groups with it); above, evaluating the literal set per data file costs more than it saves
 #: (measured in bench/RESULTS.md: 2,000 keys took 3x longer than reading everything).
 _KEY_PUSHDOWN_LIMIT = 64
-
-
-def quarantine_schema() -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("source", pa.string()),
-            pa.field("source_sha256", pa.string()),
-            pa.field("line", pa.int64()),
-            pa.field("reason", pa.string()),
-            pa.field("raw", pa.string()),
-            pa.field("system_time", TIMESTAMP),
-        ]
-    )
 
 
 class BitemporalTable:
