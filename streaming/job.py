@@ -28,7 +28,7 @@ import base64
 import json
 import pickle
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +38,18 @@ from pyflink.datastream.state import ValueState, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
 from chronolake.iceberg.algebra import KeyState
-from chronolake.iceberg.dataset import DatasetSpec
+from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, QUARANTINE_SUFFIX, Column, DatasetSpec
+from chronolake.streaming.catalog import catalog_properties, with_clause
 from chronolake.streaming.transactions import (
-    QUARANTINE_SUFFIX,
     UNROUTED_QUARANTINE,
     EntityTimeline,
     EventRouter,
     Routed,
     SinkRow,
     insert_sql,
-    quarantine_columns,
     source_name,
     stable_system_time,
     system_time,
-    table_columns,
 )
 
 CATALOG = "chronolake"
@@ -65,23 +63,6 @@ CLOCKED = Types.ROW(
 )  # kind, target (dataset or table), entity key text, t, partition, offset, body
 ROWS = Types.ROW([Types.STRING(), Types.STRING()])  # target table, JSON list of the row's text values
 TICK = Types.ROW([Types.INT(), Types.LONG()])  # partition, t
-
-
-def catalog_properties(home: Path) -> dict[str, str]:
-    """Iceberg's JdbcCatalog on the SQLite file of the tools' SqlCatalog (docs/streaming-runtime.md)."""
-    return {
-        "type": "iceberg",
-        "catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
-        "uri": f"jdbc:sqlite:{home / 'catalog.db'}",
-        "warehouse": f"file://{home / 'warehouse'}",
-        "jdbc.schema-version": "V1",
-        "jdbc.journal_mode": "WAL",
-        "jdbc.busy_timeout": "30000",
-    }
-
-
-def _with_clause(props: dict[str, str]) -> str:
-    return ", ".join(f"'{k}' = '{v}'" for k, v in props.items())
 
 
 def _sink_row(row: SinkRow) -> Row:
@@ -257,7 +238,7 @@ def run(args: argparse.Namespace) -> None:
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(
-        f"CREATE CATALOG {CATALOG} WITH ({_with_clause(catalog_properties(Path(plan['home'])))})"
+        f"CREATE CATALOG {CATALOG} WITH ({with_clause(catalog_properties(Path(plan['home'])))})"
     )
     source = {
         "connector": "kafka",
@@ -274,7 +255,7 @@ def run(args: argparse.Namespace) -> None:
             kafka_partition INT METADATA FROM 'partition' VIRTUAL,
             kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
             log_time TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
-        ) WITH ({_with_clause(source)})
+        ) WITH ({with_clause(source)})
         """
     )
     # Epoch milliseconds: a TIMESTAMP would reach Python as an opaque Java object in thread mode.
@@ -315,17 +296,13 @@ def run(args: argparse.Namespace) -> None:
     rows = versions.union(rejected, controls)
 
     statements = t_env.create_statement_set()
-    tables: list[tuple[str, list[str]]] = []
+    tables: list[tuple[str, Sequence[Column]]] = []
     for name, text in sorted(specs.items()):
-        spec = DatasetSpec.from_json(name, text)
-        tables.append((name, [c.name for c in table_columns(spec)]))
-        tables.append((name + QUARANTINE_SUFFIX, [c.name for c in quarantine_columns()]))
-    tables.append((UNROUTED_QUARANTINE, [c.name for c in quarantine_columns()]))
-    for index, (table, names) in enumerate(tables):
-        view = _to_table(t_env, rows, table, names, f"rows_{index}")
-        columns = quarantine_columns() if table.endswith(QUARANTINE_SUFFIX) else table_columns(
-            DatasetSpec.from_json(table, specs[table])
-        )
+        tables.append((name, DatasetSpec.from_json(name, text).table_columns()))
+        tables.append((name + QUARANTINE_SUFFIX, QUARANTINE_COLUMNS))
+    tables.append((UNROUTED_QUARANTINE, QUARANTINE_COLUMNS))
+    for index, (table, columns) in enumerate(tables):
+        view = _to_table(t_env, rows, table, [c.name for c in columns], f"rows_{index}")
         statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, columns))
     statements.execute().wait()
 

@@ -19,25 +19,14 @@ import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction, Segment
-from chronolake.iceberg.dataset import (
-    CLOSED,
-    CONTROL,
-    EVENT,
-    EVENT_DIGEST,
-    EVENT_ID,
-    OPEN,
-    ROW_KIND,
-    TIME_COLUMNS,
-    Column,
-    DatasetSpec,
-)
+from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction
+from chronolake.iceberg.dataset import CONTROL, QUARANTINE_SUFFIX, Column, DatasetSpec
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
-from chronolake.iceberg.temporal import SENTINEL
+from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 
-QUARANTINE_SUFFIX = "__quarantine"
 #: Where records go whose dataset cannot be known (broken JSON, no or an unknown `dataset`). The
 #: hyphen makes it a name no dataset can have (dataset names are letters, digits, underscores).
 UNROUTED_QUARANTINE = "stream-unrouted" + QUARANTINE_SUFFIX
@@ -45,9 +34,6 @@ DATASET_FIELD = "dataset"
 #: Longest record value applied; longer ones are quarantined with their first `RAW_KEPT` characters.
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 RAW_KEPT = 4096
-QUARANTINE_COLUMNS = ("source", "source_sha256", "line", "reason", "raw", "system_time")
-#: Types of the quarantine table's columns (`chronolake.iceberg.table.quarantine_schema`).
-QUARANTINE_TYPES = {"line": "long", "system_time": "timestamp"}
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -85,22 +71,6 @@ def quarantine_row(target: str, source: str, offset: int, reason: str, raw: str,
     return SinkRow(target, (source, None, str(offset), reason, kept, sql_timestamp(t)))
 
 
-def table_columns(spec: DatasetSpec) -> list[Column]:
-    """The dataset table's columns in schema order (`chronolake.iceberg.schema.iceberg_schema`)."""
-    return [
-        *spec.key,
-        *spec.columns,
-        *(Column(name, "timestamp") for name in TIME_COLUMNS),
-        Column(ROW_KIND, "string"),
-        Column(EVENT_ID, "string"),
-        Column(EVENT_DIGEST, "string"),
-    ]
-
-
-def quarantine_columns() -> list[Column]:
-    return [Column(name, QUARANTINE_TYPES.get(name, "string")) for name in QUARANTINE_COLUMNS]
-
-
 def _sql_cast(name: str, column_type: str) -> str:
     quoted = f"`{name}`"
     if column_type == "string":
@@ -112,7 +82,7 @@ def _sql_cast(name: str, column_type: str) -> str:
     return f"CAST({quoted} AS {sql_type or column_type.upper()})"
 
 
-def insert_sql(catalog: str, namespace: str, table: str, view: str, columns: list[Column]) -> str:
+def insert_sql(catalog: str, namespace: str, table: str, view: str, columns: Sequence[Column]) -> str:
     """`INSERT INTO` a table from a view of text columns with the same names."""
     names = ", ".join(f"`{c.name}`" for c in columns)
     casts = ", ".join(_sql_cast(c.name, c.type) for c in columns)
@@ -225,37 +195,25 @@ class EntityTimeline:
         refused = transaction.apply(assertion)
         if refused is not None:
             return [quarantine_row(self._quarantine, source, offset, refused, raw, t)]
-        change = transaction.finish()
-        key = assertion.key
-        rows = [self._version(key, s, t, CLOSED) for s in change.closed]
-        rows += [self._version(key, s, SENTINEL, OPEN) for s in change.opened]
-        rows += [self._marker(key, t, EVENT, event_id, digest) for event_id, digest in change.events]
-        return rows
+        return [self._sink(row) for row in change_rows(assertion.key, transaction.finish(), t)]
 
     def control(self, stable: int) -> SinkRow:
         """The row that publishes the dataset's stable system time (`system_from` = stable)."""
-        return self._marker(None, stable, CONTROL, None, None)
+        return self._sink(marker_row(None, stable, CONTROL))
 
-    def _key_text(self, key: Key | None) -> tuple[Text, ...]:
-        if key is None:
-            return (None,) * len(self._key_types)
-        return tuple(_text(v, kind) for v, kind in zip(key, self._key_types))
-
-    def _version(self, key: Key, segment: Segment, system_to: int, kind: str) -> SinkRow:
-        payload = tuple(_text(v, kind) for v, kind in zip(segment.payload, self._payload_types))
-        times = (
-            sql_timestamp(segment.valid_from),
-            sql_timestamp(segment.valid_to),
-            sql_timestamp(segment.system_from),
-            sql_timestamp(system_to),
+    def _sink(self, row: StoredRow) -> SinkRow:
+        """A stored row (`chronolake.iceberg.twins`) as the text values of the table's columns."""
+        key = row.key or (None,) * len(self._key_types)
+        payload = row.payload or (None,) * len(self._payload_types)
+        times = tuple(None if v is None else sql_timestamp(v) for v in row[2:6])
+        values = (
+            *(_text(v, kind) for v, kind in zip(key, self._key_types)),
+            *(_text(v, kind) for v, kind in zip(payload, self._payload_types)),
+            *times,
+            row.row_kind,
+            row.event_id,
+            row.event_digest,
         )
-        values = (*self._key_text(key), *payload, *times, kind, segment.event_id, segment.event_digest)
-        return SinkRow(self.spec.name, values)
-
-    def _marker(self, key: Key | None, system_from: int, kind: str, event_id: str | None, digest: str | None) -> SinkRow:
-        blank_payload = (None,) * len(self._payload_types)
-        times = (None, None, sql_timestamp(system_from), None)
-        values = (*self._key_text(key), *blank_payload, *times, kind, event_id, digest)
         return SinkRow(self.spec.name, values)
 
 
