@@ -7,8 +7,8 @@ incremental checkpoints, and the Iceberg Flink sink appending per checkpoint to 
 Python tools created in the shared SQLite JDBC catalog.
 
 Runs by path in the job venv (`.venv/job/bin/python streaming/plumbing_job.py ...`), which does
-not have chronolake installed, so it imports only the standard library and PyFlink. Launch it
-through `chronolake.streaming.runtime.JobRuntime`, which sets `PYTHONPATH` and the classpath.
+not have chronolake installed: besides PyFlink it imports only chronolake's stdlib-only modules,
+which `chronolake.streaming.runtime.JobRuntime` puts on `PYTHONPATH` (with the classpath).
 
 Each Kafka record value is a JSON object with `key` (string) and `seq` (integer). Each output row
 carries it with its Kafka coordinates and a per-partition system time
@@ -34,6 +34,8 @@ from pyflink.common import Configuration, Row, Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, StreamExecutionEnvironment
 from pyflink.datastream.state import ValueState, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
+
+from chronolake.streaming.catalog import catalog_properties, with_clause
 
 CATALOG = "chronolake"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -66,33 +68,6 @@ STAMPED = Types.ROW_NAMED(
     [*PARSED.get_field_names(), "system_from", "partition_seq"],
     [*PARSED.get_field_types(), Types.STRING(), Types.LONG()],
 )
-
-
-def catalog_properties(home: Path) -> dict[str, str]:
-    """Iceberg's JdbcCatalog on the same SQLite file pyiceberg's SqlCatalog uses.
-
-    `jdbc.schema-version=V1`: pyiceberg (0.12) creates `iceberg_tables` with the V1 column
-    `iceberg_type`; in V1 mode Java writes it too and treats NULL as a table, so either side can
-    create tables the other sees. The warehouse must be an absolute `file://` URI in both.
-    """
-    home = home.resolve()
-    return {
-        "type": "iceberg",
-        "catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
-        "uri": f"jdbc:sqlite:{home / 'catalog.db'}",
-        "warehouse": f"file://{home / 'warehouse'}",
-        "jdbc.schema-version": "V1",
-        # `jdbc.*` properties reach the SQLite driver as connection properties. WAL lets the
-        # tools read the catalog while the committer writes it (with the default rollback
-        # journal a reader's shared lock fails the commit with SQLITE_BUSY); busy_timeout makes
-        # two writers wait for each other instead of failing after sqlite-jdbc's default 3 s.
-        "jdbc.journal_mode": "WAL",
-        "jdbc.busy_timeout": "30000",
-    }
-
-
-def _with_clause(props: dict[str, str]) -> str:
-    return ", ".join(f"'{k}' = '{v}'" for k, v in props.items())
 
 
 def parse_record(row: Row) -> Row:
@@ -174,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(
-        f"CREATE CATALOG {CATALOG} WITH ({_with_clause(catalog_properties(Path(args.home)))})"
+        f"CREATE CATALOG {CATALOG} WITH ({with_clause(catalog_properties(Path(args.home)))})"
     )
     source = {
         "connector": "kafka",
@@ -199,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
             kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
             log_time TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
             log_time_type STRING METADATA FROM 'timestamp-type' VIRTUAL
-        ) WITH ({_with_clause(source)})
+        ) WITH ({with_clause(source)})
         """
     )
     records = t_env.to_data_stream(

@@ -1,0 +1,33 @@
+"""The Iceberg catalog and connector options as the Flink jobs spell them in Flink SQL (stdlib only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def catalog_properties(home: Path) -> dict[str, str]:
+    """Iceberg's JdbcCatalog on the same SQLite file pyiceberg's SqlCatalog uses.
+
+    `jdbc.schema-version=V1`: pyiceberg (0.12) creates `iceberg_tables` with the V1 column
+    `iceberg_type`; in V1 mode Java writes it too and treats NULL as a table, so either side can
+    create tables the other sees. The warehouse must be an absolute `file://` URI in both.
+    """
+    home = home.resolve()
+    return {
+        "type": "iceberg",
+        "catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
+        "uri": f"jdbc:sqlite:{home / 'catalog.db'}",
+        "warehouse": f"file://{home / 'warehouse'}",
+        "jdbc.schema-version": "V1",
+        # `jdbc.*` properties reach the SQLite driver as connection properties. WAL lets the
+        # tools read the catalog while the committer writes it (with the default rollback
+        # journal a reader's shared lock fails the commit with SQLITE_BUSY); busy_timeout makes
+        # two writers wait for each other instead of failing after sqlite-jdbc's default 3 s.
+        "jdbc.journal_mode": "WAL",
+        "jdbc.busy_timeout": "30000",
+    }
+
+
+def with_clause(props: dict[str, str]) -> str:
+    """The body of a Flink SQL `WITH (...)` clause."""
+    return ", ".join(f"'{k}' = '{v}'" for k, v in props.items())
