@@ -30,16 +30,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 from pyiceberg.exceptions import TableAlreadyExistsError
+from pyiceberg.expressions import In
 
 from chronolake.iceberg.algebra import Key, KeyState
 from chronolake.iceberg.config import LakeSettings
-from chronolake.iceberg.dataset import OPEN, ROW_KIND
+from chronolake.iceberg.dataset import CLOSED, EVENT, OPEN, ROW_KIND
 from chronolake.iceberg.rows import python_columns
-from chronolake.iceberg.table import BitemporalTable, quarantine_schema
+from chronolake.iceberg.schema import quarantine_schema
+from chronolake.iceberg.table import BitemporalTable
 from chronolake.lake import Lake
 from chronolake.streaming.transactions import UNROUTED_QUARANTINE
 
@@ -174,8 +175,8 @@ def table_states(table: BitemporalTable) -> dict[Key, KeyState]:
     """Every key's current state, rebuilt from the table (the bootstrap of the job's keyed state)."""
     if table.table.current_snapshot() is None:
         return {}
-    rows = table.scan(None, [*table.spec.key_names, ROW_KIND])
-    rows = rows.filter(pa.compute.equal(rows[ROW_KIND], OPEN))
+    # Keys with any version or event marker: a deleted key has no open row but its event ids count.
+    rows = table.scan(In(ROW_KIND, {OPEN, CLOSED, EVENT}), table.spec.key_names)
     keys = sorted(set(zip(*python_columns(rows, table.spec.key_names))), key=repr)
     states: dict[Key, KeyState] = table.load_state(keys)
     return states
