@@ -352,7 +352,7 @@ class _Run:
             t = self.options.system_time
             self._check_forward(t, "system time")
         else:
-            t = self.table.next_system_time()
+            t = self.table.next_system_time(self.latest)
         processes = self.options.processes or _auto_processes(to_load)
         if processes > 1:
             self._in_processes(to_load, t, processes)

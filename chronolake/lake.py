@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
-from pyiceberg.expressions import And, EqualTo, GreaterThan, LessThanOrEqual, Or
+from pyiceberg.expressions import And, GreaterThan, LessThanOrEqual, Or
 
 from chronolake.batch_compat.load import LoadOptions, LoadReport, load_files
 from chronolake.batch_compat.readers import ColumnMapping
@@ -26,9 +26,7 @@ from chronolake.iceberg import queries
 from chronolake.iceberg.catalog import open_catalog
 from chronolake.iceberg.config import LakeSettings, load_declarations
 from chronolake.iceberg.dataset import (
-    FILE,
     QUARANTINE_SUFFIX,
-    ROW_KIND,
     SYSTEM_FROM,
     SYSTEM_TO,
     VALID_FROM,
@@ -264,20 +262,18 @@ class Dataset:
         rows = self.table.quarantine_table().scan().to_arrow()
         if rows.num_rows == 0:
             return rows
-        ledger = self.table.scan(EqualTo(ROW_KIND, FILE), ["event_id", SYSTEM_FROM])
-        committed = pa.table(
-            {
-                "source_sha256": pc.utf8_slice_codeunits(ledger["event_id"], 7),
-                "system_time": ledger[SYSTEM_FROM],
-            }
-        )
-        visible = rows.join(committed, keys=["source_sha256", "system_time"], join_type="left semi")
+        # A file's records count once its load committed (its ledger row at the same system time);
+        # a stream's records (no file hash) are committed with the checkpoint that wrote them.
+        from_files = pc.is_valid(rows["source_sha256"])
+        ledger = self.table.ledger().rename_columns(["source_sha256", "system_time"])
+        committed = rows.filter(from_files).join(ledger, keys=["source_sha256", "system_time"], join_type="left semi")
+        visible = pa.concat_tables([rows.filter(pc.invert(from_files)), committed.select(rows.column_names)])
         return visible.sort_by([("system_time", "ascending"), ("source", "ascending"), ("line", "ascending")])
 
     def loaded_files(self) -> pa.Table:
+        """The file ledger: ``sha256`` of each loaded file and the system time it was loaded at."""
         self.table.refresh()
-        ledger = self.table.scan(EqualTo(ROW_KIND, FILE), ["event_id", SYSTEM_FROM])
-        return pa.table({"sha256": pc.utf8_slice_codeunits(ledger["event_id"], 7), "loaded_at": ledger[SYSTEM_FROM]})
+        return self.table.ledger()
 
 
 def _key_value(column: Column, value: Any) -> Any:

@@ -29,6 +29,7 @@ OPEN = "open"
 CLOSED = "closed"
 EVENT = "event"  # an applied event id no version row carries (deletes, superseded in-transaction)
 FILE = "file"  # a loaded file's SHA-256 (the idempotency ledger), committed with its rows
+LEDGER_PREFIX = "sha256:"  # event_id of a file row: this prefix and the hex SHA-256
 CONTROL = "control"  # the stable system time published by the commit
 
 #: The quarantine table beside each dataset table, and its columns.

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from chronolake.iceberg.algebra import Key, KeyChange
-from chronolake.iceberg.dataset import CONTROL, FILE, DatasetSpec
+from chronolake.iceberg.dataset import CONTROL, FILE, LEDGER_PREFIX, DatasetSpec
 from chronolake.iceberg.schema import TIMESTAMP, arrow_schema
 from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 
@@ -28,7 +28,7 @@ class RowBuilder:
         self._rows.extend(change_rows(key, change, t))
 
     def add_file(self, sha256: str, t: int) -> None:
-        self._rows.append(marker_row(None, t, FILE, f"sha256:{sha256}"))
+        self._rows.append(marker_row(None, t, FILE, f"{LEDGER_PREFIX}{sha256}"))
 
     def add_control(self, stable: int) -> None:
         self._rows.append(marker_row(None, stable, CONTROL))

@@ -22,6 +22,7 @@ from chronolake.iceberg.dataset import (
     EVENT_DIGEST,
     EVENT_ID,
     FILE,
+    LEDGER_PREFIX,
     OPEN,
     QUARANTINE_SUFFIX,
     ROW_KIND,
@@ -140,11 +141,11 @@ class BitemporalTable:
             return None
         return int(pc.max(controls[SYSTEM_FROM].cast(pa.int64())).as_py())
 
-    def next_system_time(self) -> int:
-        """A batch transaction time: now, but later than everything already in the dataset."""
+    @staticmethod
+    def next_system_time(latest: int | None) -> int:
+        """A batch transaction time: now, but later than ``latest``, the dataset's latest system time."""
         now = time.time_ns() // 1_000
-        stable = self.stable_system_time()
-        return now if stable is None else max(now, stable + 1)
+        return now if latest is None else max(now, latest + 1)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -207,16 +208,21 @@ class BitemporalTable:
             states[values[:width]].events[values[width]] = values[width + 1]
         return dict(states)
 
+    def ledger(self, hashes: Iterable[str] | None = None) -> pa.Table:
+        """The file ledger (``sha256``, ``loaded_at``), optionally only for some hashes."""
+        row_filter: BooleanExpression = EqualTo(ROW_KIND, FILE)
+        if hashes is not None:
+            row_filter = And(row_filter, In(EVENT_ID, {f"{LEDGER_PREFIX}{h}" for h in hashes}))
+        rows = self.scan(row_filter, [EVENT_ID, SYSTEM_FROM])
+        sha256 = pc.utf8_slice_codeunits(rows[EVENT_ID], len(LEDGER_PREFIX))
+        return pa.table({"sha256": sha256, "loaded_at": rows[SYSTEM_FROM]})
+
     def loaded_files(self, hashes: Iterable[str]) -> dict[str, int]:
         """Which of these file hashes are already in the ledger, with the system time they were loaded at."""
-        wanted = {f"sha256:{h}" for h in hashes}
+        wanted = list(hashes)
         if not wanted or self.table.current_snapshot() is None:
             return {}
-        rows = self.scan(And(EqualTo(ROW_KIND, FILE), In(EVENT_ID, wanted)), [EVENT_ID, SYSTEM_FROM])
-        found: dict[str, int] = {}
-        for event_id, system_from in zip(*python_columns(rows, [EVENT_ID, SYSTEM_FROM])):
-            found[event_id.removeprefix("sha256:")] = system_from
-        return found
+        return dict(zip(*python_columns(self.ledger(wanted), ["sha256", "loaded_at"])))
 
     def quarantine_table(self) -> Table:
         return self.catalog.load_table((self.settings.namespace, self.spec.name + QUARANTINE_SUFFIX))

@@ -288,3 +288,22 @@ def test_concurrent_writer_conflict_writes_nothing_visible(prices: Dataset, lake
     assert prices.quarantine().num_rows == 0, "the failed load's quarantine records must stay invisible"
     # Run again, it lands.
     assert prices.load([tmp_path / "c.csv"]).quarantined == 1
+
+
+def test_quarantine_shows_stream_records_and_only_committed_file_records(prices: Dataset, tmp_path: Path) -> None:
+    from chronolake.iceberg.schema import quarantine_schema
+
+    prices.load([write(tmp_path / "a.csv", HEADER + "A,x,EUR,2024-01-01,,,\n")])
+    # A record the stream job quarantined (no file hash: committed with its checkpoint), and one of a
+    # file load whose data commit never happened (no ledger row at its system time).
+    schema = quarantine_schema()
+    orphans = pa.Table.from_pylist(
+        [
+            {"source": "kafka:prices/0@7", "source_sha256": None, "line": 7, "reason": "r1", "raw": "{}", "system_time": None},
+            {"source": "lost.csv", "source_sha256": "00" * 32, "line": 2, "reason": "r2", "raw": "", "system_time": None},
+        ],
+        schema=schema,
+    )
+    prices.table.quarantine_table().append(orphans)
+    assert sorted(r["source"] for r in prices.quarantine().to_pylist()) == [str(tmp_path / "a.csv"), "kafka:prices/0@7"]
+    assert [r["sha256"] for r in prices.loaded_files().to_pylist()] == [prices.load([tmp_path / "a.csv"]).files[0].sha256]
