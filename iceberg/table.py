@@ -109,21 +109,22 @@ class BitemporalTable:
         self.table = self.table.refresh()
 
     def ensure_no_commit_retry(self) -> None:
-        """Make sure a conflicting commit fails instead of being re-applied (see :data:`NO_COMMIT_RETRY`)."""
-        key, value = next(iter(NO_COMMIT_RETRY.items()))
-        if self.table.properties.get(key) != value:
-            # A property change creates no snapshot: what this writer prepared stays valid.
-            with self.table.transaction() as transaction:
-                transaction.set_properties(NO_COMMIT_RETRY)
-            self.table = self.table.refresh() if self.table.current_snapshot() is None else self._same_snapshot_refresh()
+        """Make sure a conflicting commit fails instead of being re-applied (see :data:`NO_COMMIT_RETRY`).
 
-    def _same_snapshot_refresh(self) -> Table:
-        before = self.table.current_snapshot()
-        refreshed = self.table.refresh()
-        after = refreshed.current_snapshot()
-        if before is not None and (after is None or after.snapshot_id != before.snapshot_id):
+        Tables chronolake creates carry the property; an older or foreign table gets it set here. A
+        property change creates no snapshot, so what this writer prepared stays valid unless another
+        writer committed a snapshot meanwhile, which is then reported as the conflict it is.
+        """
+        key, value = next(iter(NO_COMMIT_RETRY.items()))
+        if self.table.properties.get(key) == value:
+            return
+        prepared = self.table.current_snapshot()
+        with self.table.transaction() as transaction:
+            transaction.set_properties(NO_COMMIT_RETRY)
+        self.table = self.table.refresh()
+        current = self.table.current_snapshot()
+        if (prepared and prepared.snapshot_id) != (current and current.snapshot_id):
             raise CommitConflict(f"dataset {self.spec.name!r} changed while this transaction was prepared; run it again")
-        return refreshed
 
     # -- system time -----------------------------------------------------------------------------
 

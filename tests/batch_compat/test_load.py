@@ -307,3 +307,24 @@ def test_quarantine_shows_stream_records_and_only_committed_file_records(prices:
     prices.table.quarantine_table().append(orphans)
     assert sorted(r["source"] for r in prices.quarantine().to_pylist()) == [str(tmp_path / "a.csv"), "kafka:prices/0@7"]
     assert [r["sha256"] for r in prices.loaded_files().to_pylist()] == [prices.load([tmp_path / "a.csv"]).files[0].sha256]
+
+
+def test_a_table_without_the_no_retry_property_gets_it_and_still_refuses_a_stale_load(
+    prices: Dataset, lake: Lake, tmp_path: Path
+) -> None:
+    from chronolake.batch_compat.load import load_files
+    from chronolake.iceberg.exceptions import CommitConflict
+    from chronolake.iceberg.table import NO_COMMIT_RETRY, BitemporalTable
+
+    with prices.table.table.transaction() as transaction:
+        transaction.remove_properties(*NO_COMMIT_RETRY)
+    prices.load([write(tmp_path / "a.csv", HEADER + "A,1,EUR,2024-01-01,,,\n")])
+    stale = BitemporalTable.open(lake.catalog, lake.settings, "prices")
+    with stale.table.transaction() as transaction:
+        transaction.remove_properties(*NO_COMMIT_RETRY)
+    prices.load([write(tmp_path / "b.csv", HEADER + "A,2,EUR,2024-01-02,,,\n")])
+    with pytest.raises(CommitConflict):
+        load_files(stale, [write(tmp_path / "c.csv", HEADER + "A,3,EUR,2024-01-03,,,\n")])
+    prices.table.refresh()
+    assert prices.table.table.properties.get("commit.retry.num-retries") == "0"
+    assert [r["price"] for r in prices.history("A").to_pylist() if r["system_to"].year == 9999] == [Decimal("1"), Decimal("2")]
