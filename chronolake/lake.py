@@ -37,6 +37,7 @@ from chronolake.iceberg.dataset import (
 )
 from chronolake.iceberg.diff import diff_timelines
 from chronolake.iceberg.exceptions import ConfigError, UnstableRead
+from chronolake.iceberg.ownership import StreamOwner, refuse_direct_write, stream_owner
 from chronolake.iceberg.rows import python_columns
 from chronolake.iceberg.schema import TIMESTAMP, arrow_type
 from chronolake.iceberg.table import BitemporalTable
@@ -155,7 +156,13 @@ class Dataset:
             processes=processes,
         )
         self.table.refresh()
+        refuse_direct_write(self.table.table)
         return load_files(self.table, paths, options=options, show_progress=show_progress)
+
+    def stream_owner(self) -> StreamOwner | None:
+        """The streaming job that writes this dataset, if one has claimed it (`chronolake.iceberg.ownership`)."""
+        self.table.refresh()
+        return stream_owner(self.table.table)
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction
-from chronolake.iceberg.dataset import CONTROL, QUARANTINE_SUFFIX, Column, DatasetSpec
+from chronolake.iceberg.dataset import CONTROL, FILE, LEDGER_PREFIX, QUARANTINE_SUFFIX, Column, DatasetSpec
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 
@@ -31,6 +31,15 @@ from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 #: hyphen makes it a name no dataset can have (dataset names are letters, digits, underscores).
 UNROUTED_QUARANTINE = "stream-unrouted" + QUARANTINE_SUFFIX
 DATASET_FIELD = "dataset"
+# Fields a publisher (`chronolake load --via-stream`) adds to an event; no column can be named so.
+#: {"file": path, "line": n}: where the assertion came from; its quarantine row names the file and line.
+ORIGIN_FIELD = "@origin"
+#: A reason: the publisher found the row unusable (a malformed CSV row); it is quarantined as such.
+REJECTED_FIELD = "@rejected"
+#: The row's text as the file had it, kept in the quarantine row of a rejected row.
+RAW_FIELD = "@raw"
+#: {"sha256": hex}: the file is published in full; the job writes its ledger row (idempotency).
+LEDGER_FIELD = "@ledger"
 #: Longest record value applied; longer ones are quarantined with their first `RAW_KEPT` characters.
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 RAW_KEPT = 4096
@@ -125,6 +134,7 @@ class EventRouter:
 
     def __init__(self, specs: dict[str, DatasetSpec], max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.parsers = {name: AssertionParser(spec) for name, spec in specs.items()}
+        self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
         self.max_event_bytes = max_event_bytes
 
     def route(self, raw: str, source: str, offset: int, t: int) -> Routed | SinkRow:
@@ -146,13 +156,33 @@ class EventRouter:
         if "\\u" in raw and not _encodable(record):
             # A lone surrogate (`"\\ud800"`) cannot become a Java string; it would fail the job.
             return quarantine_row(UNROUTED_QUARANTINE, source, offset, "invalid unicode escape", raw, t)
+        source, offset = origin(record, source, offset)
         if not isinstance(dataset, str) or dataset not in self.parsers:
             return quarantine_row(UNROUTED_QUARANTINE, source, offset, f"unknown dataset {dataset!r}", raw, t)
+        quarantine = dataset + QUARANTINE_SUFFIX
+        if REJECTED_FIELD in record:
+            kept = record.get(RAW_FIELD)
+            return quarantine_row(quarantine, source, offset, str(record[REJECTED_FIELD]), str(kept if kept is not None else raw), t)
+        if LEDGER_FIELD in record:
+            ledger = record[LEDGER_FIELD]
+            sha256 = ledger.get("sha256") if isinstance(ledger, dict) else None
+            if not isinstance(sha256, str) or len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+                return quarantine_row(quarantine, source, offset, "ledger event without a SHA-256", raw, t)
+            return self.timelines[dataset].ledger(sha256, t)
         try:
             assertion = self.parsers[dataset].parse(record)
         except InvalidAssertion as error:
-            return quarantine_row(dataset + QUARANTINE_SUFFIX, source, offset, str(error), raw, t)
+            return quarantine_row(quarantine, source, offset, str(error), raw, t)
         return Routed(dataset, assertion.key, repr(assertion.key), assertion)
+
+
+def origin(record: dict[str, Any], source: str, offset: int) -> tuple[str, int]:
+    """The source and line a quarantine row names: the file and line of a published file's row
+    (`@origin`), else the stream's record coordinates."""
+    found = record.get(ORIGIN_FIELD)
+    if isinstance(found, dict) and isinstance(found.get("file"), str) and type(found.get("line")) is int:
+        return found["file"], found["line"]
+    return source, offset
 
 
 def _encodable(record: dict[str, Any]) -> bool:
@@ -184,7 +214,9 @@ class EntityTimeline:
     def apply(self, state: KeyState, raw: str, source: str, offset: int, t: int) -> list[SinkRow]:
         """Mutates `state`. `raw` is re-parsed here: an `Assertion` (decimals, dates) does not cross
         Flink's Python boundary, and parsing is deterministic, so both stages see the same assertion."""
-        assertion = self.parser.parse(json.loads(raw))
+        record = json.loads(raw)
+        assertion = self.parser.parse(record)
+        source, offset = origin(record, source, offset)
         latest = max((s.system_from for s in state.segments), default=None)
         if latest is not None and t <= latest:
             # Only another writer (a batch load with a later clock) can cause this; the algebra
@@ -196,6 +228,10 @@ class EntityTimeline:
         if refused is not None:
             return [quarantine_row(self._quarantine, source, offset, refused, raw, t)]
         return [self._sink(row) for row in change_rows(assertion.key, transaction.finish(), t)]
+
+    def ledger(self, sha256: str, t: int) -> SinkRow:
+        """The file-ledger row of a file published through the stream (`LEDGER_FIELD`)."""
+        return self._sink(marker_row(None, t, FILE, f"{LEDGER_PREFIX}{sha256}"))
 
     def control(self, stable: int) -> SinkRow:
         """The row that publishes the dataset's stable system time (`system_from` = stable)."""

@@ -81,3 +81,28 @@ def test_stable_time_is_the_slowest_partition_unless_it_is_idle() -> None:
     assert stable_system_time(marks, {0: 900, 1: 900}, 1_000, 2, 1_000) == 100
     assert stable_system_time(marks, {0: 0, 1: 900}, 1_000, 2, 1_000) == 300
     assert stable_system_time(marks, {0: 0, 1: 0}, 1_000, 2, 1_000) == 300
+
+
+def test_published_file_rows_name_their_file_and_line_and_the_ledger_event_writes_the_ledger_row() -> None:
+    router = EventRouter({"prices": SPEC})
+    origin = {"@origin": {"file": "prices.csv", "line": 12}}
+    bad = router.route(event(x="abc", **origin), "kafka:t/0@7", 7, 5)
+    assert isinstance(bad, SinkRow) and bad.target == "prices__quarantine"
+    assert bad.values[:4] == ("prices.csv", None, "12", "x: expected an integer, got 'abc'")
+    rejected = router.route(
+        event(**origin, **{"@rejected": "malformed CSV row: expected 4 fields, found 2", "@raw": "a,1"}), "s", 8, 6
+    )
+    assert isinstance(rejected, SinkRow)
+    assert rejected.values[2:5] == ("12", "malformed CSV row: expected 4 fields, found 2", "a,1")
+    sha = "ab" * 32
+    ledger = router.route(json.dumps({"dataset": "prices", "@ledger": {"sha256": sha}}), "s", 9, 7)
+    assert isinstance(ledger, SinkRow) and ledger.target == "prices"
+    assert ledger.values[4] == sql_timestamp(7) and ledger.values[6:8] == ("file", f"sha256:{sha}")
+    broken = router.route(json.dumps({"dataset": "prices", "@ledger": {"sha256": "nope"}}), "s", 9, 7)
+    assert isinstance(broken, SinkRow) and broken.target == "prices__quarantine"
+    # A refusal after routing (a reused event id with other content) names the file and line too.
+    timeline = EntityTimeline(SPEC)
+    state = KeyState()
+    assert timeline.apply(state, event(event_id="e1", **origin), "s", 0, 10)
+    conflict = timeline.apply(state, event(x=2, event_id="e1", **origin), "s", 1, 20)
+    assert [(r.target, r.values[0], r.values[2]) for r in conflict] == [("prices__quarantine", "prices.csv", "12")]
