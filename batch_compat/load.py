@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyiceberg.manifest import DataFile
 from pyiceberg_core import transform as bucket_transform
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -479,10 +480,10 @@ class _Run:
                 raise _ERRORS.get(outcome[1], ChronolakeError)(outcome[2])
             if outcome[0] == "crash":
                 raise RuntimeError(f"a load process failed:\n{outcome[1]}")
-        tables = []
+        data_files = []
         for share in range(processes):
-            _, table, quarantine, counts, opened, closed = results[share]
-            tables.append(table)
+            _, written, quarantine, counts, opened, closed = results[share]
+            data_files.extend(written)
             self.quarantine.extend(quarantine)
             self.report.versions_opened += opened
             self.report.versions_closed += closed
@@ -494,7 +495,7 @@ class _Run:
             file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
         order = {str(source.path): index for index, (source, _) in enumerate(to_load)}
         self.quarantine.sort(key=lambda q: (order[q[0]], q[2]))
-        self._commit(to_load, t, groups=1, extra=tables)
+        self._commit(to_load, t, groups=1, data_files=data_files)
 
     def _worker(
         self,
@@ -510,9 +511,10 @@ class _Run:
                 file_report.rows = file_report.quarantined = file_report.duplicates = 0
             self._apply_files(to_load, t, partition)
             counts = [(f.rows, f.quarantined, f.duplicates) for _, f in to_load]
-            sender.send(
-                ("ok", self.builder.to_arrow(), self.quarantine, counts, self.report.versions_opened, self.report.versions_closed)
-            )
+            # This process writes its keys' data files itself (in parallel with the others); the
+            # parent commits them all in one append, so nothing is visible before that commit.
+            written = self.table.write(self.builder.to_arrow())
+            sender.send(("ok", written, self.quarantine, counts, self.report.versions_opened, self.report.versions_closed))
         except ChronolakeError as error:
             sender.send(("error", type(error).__name__, str(error)))
         except BaseException:
@@ -581,12 +583,12 @@ class _Run:
         *,
         groups: int,
         first: int | None = None,
-        extra: list[pa.Table] | None = None,
+        data_files: Sequence[DataFile] = (),
     ) -> None:
         for _, file_report in to_load:
             self.builder.add_file(file_report.sha256, t)
             file_report.loaded_at = t
-        self.table.commit(self.builder, t, "load", _quarantine_table(self.quarantine, t), extra=extra)
+        self.table.commit(self.builder, t, "load", _quarantine_table(self.quarantine, t), data_files=data_files)
         self.report.system_time = t
         self.report.first_system_time = first if first is not None else t
         self.report.transactions = groups

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -11,6 +12,8 @@ import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual, NotNull
+from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
+from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
 from chronolake.iceberg.algebra import Key, KeyState, Segment
@@ -230,32 +233,47 @@ class BitemporalTable:
 
     # -- writing ---------------------------------------------------------------------------------
 
+    def write(self, data: pa.Table, *, presorted: bool = False) -> list[DataFile]:
+        """Write rows as data files of this table, in the declared sort order, without committing them.
+
+        The files are invisible until :meth:`commit` names them; if that commit never happens they are
+        orphans, which maintenance removes after its grace period (docs/storage.md). Load processes
+        write their own files this way, so the commit only writes the manifest.
+        """
+        if data.num_rows == 0:
+            return []
+        if not presorted:
+            data = data.sort_by([(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)])
+        metadata = self.table.metadata
+        _check_pyarrow_schema_compatible(metadata.schema(), data.schema, format_version=metadata.format_version)
+        return list(_dataframe_to_data_files(metadata, data, self.table.io, write_uuid=uuid.uuid4()))
+
     def commit(
         self,
         builder: RowBuilder,
         t: int,
         operation: str,
         quarantine: pa.Table | None = None,
-        extra: list[pa.Table] | None = None,
+        data_files: Sequence[DataFile] = (),
     ) -> None:
         """One atomic append: the transaction's versions, its ledger rows and the new stable system time.
 
-        Quarantine records are appended first, to their own table; they are shown only once the data
-        commit that names their file at the same system time exists, so a failed commit leaves none visible.
+        ``data_files`` were written beforehand by :meth:`write` (e.g. by load processes); the builder's
+        rows are written here. Quarantine records are appended first, to their own table; they are
+        shown only once the data commit that names their file at the same system time exists, so a
+        failed commit leaves none visible.
         """
         builder.add_control(t)
-        data = builder.to_arrow()
-        if extra:
-            data = pa.concat_tables([data, *extra])
-        data = data.sort_by([(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)])
+        files = [*data_files, *self.write(builder.to_arrow())]
         self.ensure_no_commit_retry()
         if quarantine is not None and quarantine.num_rows:
             self.quarantine_table().append(quarantine)
+        properties = {STABLE_PROPERTY: str(t), OPERATION_PROPERTY: operation}
         try:
-            self.table.append(
-                data,
-                snapshot_properties={STABLE_PROPERTY: str(t), OPERATION_PROPERTY: operation},
-            )
+            with self.table.transaction() as transaction:
+                with transaction.update_snapshot(snapshot_properties=properties).fast_append() as append:
+                    for data_file in files:
+                        append.append_data_file(data_file)
         except CommitFailedException:
             raise CommitConflict(
                 f"dataset {self.spec.name!r} changed while this transaction was prepared "
