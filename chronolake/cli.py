@@ -15,6 +15,7 @@ from chronolake.iceberg.sql import Dialect
 from chronolake.iceberg.temporal import format_micros
 from chronolake.output import Format, print_rows
 from chronolake.scaling_lambda.cli import app as scaling_app
+from chronolake.streaming.cli import produce, publish_files, stream
 
 if TYPE_CHECKING:
     from chronolake.lake import Dataset, Lake
@@ -138,8 +139,16 @@ def load(
     processes: Annotated[
         Optional[int], typer.Option("--processes", min=1, help="Processes for a large load (default: 2 on 2+ cores).")
     ] = None,
+    via_stream: Annotated[
+        bool, typer.Option("--via-stream", help="Publish to the streaming job that owns the dataset instead of loading.")
+    ] = False,
 ) -> None:
     """Load assertion files into a dataset in one atomic commit (one transaction, or one per system time)."""
+    if via_stream:
+        if system_time or system_time_column or period or processes:
+            raise ChronolakeError("--via-stream takes no --system-time, --system-time-column, --period or --processes: the job stamps system time")
+        publish_files(name, files, as_json=as_json, valid_from_column=valid_from_column, valid_to_column=valid_to_column)
+        return
     dataset = _dataset(name)
     report = dataset.load(
         files,
@@ -338,6 +347,8 @@ def demo(
     run_demo(home)
 
 
+app.command()(stream)
+app.command()(produce)
 app.add_typer(scaling_app, name="scaling")
 
 

@@ -63,7 +63,7 @@ def claim(table: Table, owner: StreamOwner) -> StreamOwner:
         if (current.source, current.stream) != (owner.source, owner.stream):
             raise DatasetOwned(
                 f"dataset {table.name()[-1]!r} is already written by {current.describe()} "
-                f"(since {format_micros(current.since)}); release it first: chronolake stream release {table.name()[-1]}"
+                f"(since {format_micros(current.since)}); release it first: chronolake stream {table.name()[-1]} --release"
             )
         if current.address == owner.address:
             return current
@@ -90,5 +90,5 @@ def refuse_direct_write(table: Table, what: str = "a batch load") -> None:
         raise DatasetOwned(
             f"dataset {name!r} is written by {owner.describe()}: {what} would be a second writer; "
             f"publish through the job with `chronolake load {name} FILE --via-stream`, "
-            f"or `chronolake stream release {name}` once the job is stopped for good"
+            f"or `chronolake stream {name} --release` once the job is stopped for good"
         )

@@ -1,0 +1,207 @@
+"""Publishing assertions to the streaming job's topic: files (`chronolake load --via-stream`,
+`chronolake produce`) as one JSON event per row.
+
+A file goes through the stream the way a batch load would take it, with the same outcome:
+
+- Every row becomes one event `{"dataset": ..., <the row's fields>, "@origin": {"file", "line"}}`.
+  The job validates it with the same parser as a batch load and quarantines a bad row with the
+  file's name and line (not the Kafka offset). A row the reader cannot even split into fields (a
+  malformed CSV row, broken JSON) is published as `{"@rejected": reason, "@raw": text}` and
+  quarantined with that reason.
+- A row without an `event_id` gets one derived from the file's SHA-256 and its line
+  (`<first 16 hex digits>:<line>`), so publishing the same file again, after a crash halfway for
+  instance, changes nothing: the job ignores an event id it has already applied with the same
+  content.
+- After the last row, a ledger event (`{"@ledger": {"sha256": ...}}`) makes the job write the
+  file's ledger row; a file already in the ledger is not published again.
+- A file that cannot be read at all is refused before anything is published: it is read once in
+  full (hash, then a dry pass through the reader) before the first event leaves.
+
+Events are keyed by dataset and key, so one key's assertions stay in one partition, in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from chronolake.batch_compat.readers import ColumnMapping, SourceFile, read_records
+from chronolake.iceberg.dataset import EVENT_ID, DatasetSpec
+from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
+from chronolake.streaming.transactions import DATASET_FIELD, LEDGER_FIELD, ORIGIN_FIELD, RAW_FIELD, REJECTED_FIELD
+
+#: One Kafka record: (key, value).
+Event = tuple[bytes, bytes]
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, date):  # and datetime
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(f"cannot publish a value of type {type(value).__name__}")
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, default=_json_value, separators=(",", ":")).encode("utf-8")
+
+
+def event_key(dataset: str, key: object) -> bytes:
+    """The Kafka record key: the dataset and the parsed key, so a key's events share a partition."""
+    return f"{dataset}\x00{key!r}".encode()
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    path: Path
+    sha256: str
+    rows: int
+    rejected: int  # rows published as rejected (malformed); the job quarantines them
+    status: str  # "published" or "already loaded"
+
+
+class FileEvents:
+    """The events of one file for one dataset (see the module docstring)."""
+
+    def __init__(self, spec: DatasetSpec, path: str | Path, mapping: ColumnMapping | None = None) -> None:
+        self.spec = spec
+        self.source = SourceFile.detect(path)
+        self.mapping = mapping or ColumnMapping()
+        if self.mapping.system_time is not None:
+            raise ValueError("a system-time column cannot go through the stream: the job stamps system time")
+        self.parser = AssertionParser(spec)
+        self.sha256 = self.source.sha256()
+        self.rows = 0
+        self.rejected = 0
+
+    def check(self) -> int:
+        """Reads the whole file without publishing; raises `UnreadableFile` if it cannot be read.
+        Returns the number of rows."""
+        count = 0
+        for batch in read_records(self.source, self.spec, mapping=self.mapping):
+            count += len(batch.lines) + len(batch.records)
+        return count
+
+    def _event(self, line: int, record: dict[str, Any]) -> Event:
+        record = {k: v for k, v in record.items() if v is not None}
+        if record.get(EVENT_ID) in (None, ""):
+            record[EVENT_ID] = f"{self.sha256[:16]}:{line}"
+        record[DATASET_FIELD] = self.spec.name
+        record[ORIGIN_FIELD] = {"file": str(self.source.path), "line": line}
+        try:
+            key: object = self.parser.parse_key(record)
+        except InvalidAssertion:
+            key = None  # quarantined by the job whatever partition it lands in
+        return event_key(self.spec.name, key), encode(record)
+
+    def __iter__(self) -> Iterator[Event]:
+        self.rows = self.rejected = 0
+        for batch in read_records(self.source, self.spec, mapping=self.mapping):
+            if batch.table is not None:
+                for line, record in zip(batch.lines, batch.table.to_pylist()):
+                    self.rows += 1
+                    yield self._event(line, record)
+            for raw in batch.records:
+                self.rows += 1
+                if raw.record is not None:
+                    yield self._event(raw.line, raw.record)
+                    continue
+                self.rejected += 1
+                rejected = {
+                    DATASET_FIELD: self.spec.name,
+                    REJECTED_FIELD: raw.problem,
+                    RAW_FIELD: raw.raw,
+                    ORIGIN_FIELD: {"file": str(self.source.path), "line": raw.line},
+                }
+                yield event_key(self.spec.name, None), encode(rejected)
+        yield event_key(self.spec.name, "@ledger"), encode(
+            {DATASET_FIELD: self.spec.name, LEDGER_FIELD: {"sha256": self.sha256, "file": str(self.source.path), "rows": self.rows}}
+        )
+
+
+class KafkaPublisher:
+    """Publishes events to one topic; `acks=all` and the idempotent producer, flushed before returning."""
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            linger_ms=20,
+            batch_size=256 * 1024,
+            compression_type="gzip",
+        )
+
+    def publish(self, events: Iterable[Event], on_event: Callable[[int], None] | None = None) -> int:
+        count = 0
+        futures = []
+        for key, value in events:
+            futures.append(self.producer.send(self.topic, key=key, value=value))
+            count += 1
+            if on_event is not None:
+                on_event(count)
+            if len(futures) >= 10_000:
+                self._settle(futures)
+        self._settle(futures)
+        return count
+
+    def _settle(self, futures: list[Any]) -> None:
+        self.producer.flush()
+        for future in futures:
+            future.get(timeout=60)  # raises the broker's error, if any
+        futures.clear()
+
+    def close(self) -> None:
+        self.producer.close()
+
+    def __enter__(self) -> KafkaPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def publish_files(
+    spec: DatasetSpec,
+    paths: Sequence[str | Path],
+    publisher: KafkaPublisher,
+    loaded: Callable[[list[str]], dict[str, int]],
+    mapping: ColumnMapping | None = None,
+    on_event: Callable[[int], None] | None = None,
+) -> list[PublishedFile]:
+    """Publish each file not yet in the ledger (`loaded` answers which hashes are), in order.
+
+    Every file is opened, hashed and read in full before the first event is published, so an
+    unreadable file fails the call with nothing published.
+    """
+    files = [FileEvents(spec, path, mapping) for path in paths]
+    for file in files:
+        file.check()
+    done = loaded([f.sha256 for f in files])
+    results = []
+    published = 0
+    seen: set[str] = set()
+    for file in files:
+        if file.sha256 in done or file.sha256 in seen:
+            results.append(PublishedFile(file.source.path, file.sha256, 0, 0, "already loaded"))
+            continue
+        seen.add(file.sha256)
+        base = published
+        published += publisher.publish(file, None if on_event is None else lambda n, b=base: on_event(b + n))
+        results.append(PublishedFile(file.source.path, file.sha256, file.rows, file.rejected, "published"))
+    return results
+
+
+def rate(count: int, started: float) -> str:
+    elapsed = max(time.monotonic() - started, 1e-9)
+    return f"{count:,} events in {elapsed:.1f}s ({count / elapsed:,.0f}/s)"
