@@ -138,6 +138,68 @@ def apply_transaction(state: KeyState, assertions: Sequence[Assertion], t: int) 
     return transaction.finish(rejected)
 
 
+def new_key_timeline(
+    deletes: Sequence[bool], valid_from: Sequence[int], valid_to: Sequence[int | None], start: int, stop: int
+) -> tuple[list[int], list[int], list[int]]:
+    """The net effect of one transaction on a key with no current versions, whose assertions
+    (positions ``start`` to ``stop`` of the parallel sequences, in input order) carry no event ids.
+
+    Returns the opened versions as parallel lists ``(valid_from, valid_to, position)`` in valid-time
+    order, ``position`` naming the assertion whose payload the version carries. It is what
+    :func:`apply_transaction` opens on an empty :class:`KeyState` (nothing is closed: every version
+    superseded was opened in this transaction; no event ids, no markers), with the same rules as
+    :func:`_apply` on plain integers, so that a batch load carries payloads by reference
+    (tests/iceberg/test_algebra_properties.py checks the two agree).
+    """
+    froms: list[int] = []
+    tos: list[int] = []
+    refs: list[int] = []
+    for position in range(start, stop):
+        begin = valid_from[position]
+        end = valid_to[position]
+        upsert = not deletes[position]
+        count = len(froms)
+        if upsert and end is None and count and begin > froms[-1]:
+            # In valid-time order (the usual feed): the new version cuts the last one or follows it.
+            last_end = tos[-1]
+            if begin < last_end:
+                tos[-1] = begin
+            else:
+                last_end = SENTINEL
+            froms.append(begin)
+            tos.append(last_end)
+            refs.append(position)
+            continue
+        first = bisect_right(tos, begin) if count else 0
+        if end is None:
+            if not upsert or first == count:
+                end = SENTINEL
+            else:
+                end = tos[first] if froms[first] <= begin else froms[first]
+        last = first
+        while last < count and froms[last] < end:
+            last += 1
+        new_froms: list[int] = []
+        new_tos: list[int] = []
+        new_refs: list[int] = []
+        if last > first and froms[first] < begin:
+            new_froms.append(froms[first])
+            new_tos.append(begin)
+            new_refs.append(refs[first])
+        if upsert:
+            new_froms.append(begin)
+            new_tos.append(end)
+            new_refs.append(position)
+        if last > first and tos[last - 1] > end:
+            new_froms.append(end)
+            new_tos.append(tos[last - 1])
+            new_refs.append(refs[last - 1])
+        froms[first:last] = new_froms
+        tos[first:last] = new_tos
+        refs[first:last] = new_refs
+    return froms, tos, refs
+
+
 def _apply(segments: list[Segment], assertion: Assertion, digest: str | None, t: int, closed: list[Segment]) -> None:
     # The hot path of every load: plain tuple indexing and tuple.__new__ instead of NamedTuple
     # attribute access and constructors (each several times slower). Segment fields by index:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronolake.iceberg import queries
-from chronolake.iceberg.algebra import Assertion, KeyState, apply_transaction
+from chronolake.iceberg.algebra import Assertion, KeyState, apply_transaction, new_key_timeline
 from chronolake.iceberg.dataset import CLOSED, OPEN, ROW_KIND, SYSTEM_FROM, SYSTEM_TO, Column, DatasetSpec
 from chronolake.iceberg.rows import RowBuilder, python_columns
 from chronolake.iceberg.temporal import SENTINEL
@@ -125,3 +125,16 @@ def test_as_of_uses_the_point_query_filter() -> None:
     assert python_columns(answer, ["x", "valid_from", "valid_to"]) == [[2], [3], [5]]
     before = queries.as_of(rows, SPEC, valid_at=3, known_at=times[0])
     assert python_columns(before, ["x", "valid_from", "valid_to", "system_to"]) == [[1], [2], [5], [SENTINEL]]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(ref_assertions(), min_size=1, max_size=12))
+def test_new_key_timeline_opens_what_the_transaction_opens(transaction: list[RefAssertion]) -> None:
+    # The batch loader's path for keys without stored versions and without event ids.
+    assertions = [to_assertion(a)._replace(key=("k",), payload=(position,), event_id=None) for position, a in enumerate(transaction)]
+    change = apply_transaction(KeyState(), assertions, 1_000)
+    froms, tos, positions = new_key_timeline(
+        [a.op == "delete" for a in assertions], [a.valid_from for a in assertions], [a.valid_to for a in assertions], 0, len(assertions)
+    )
+    assert list(zip(froms, tos, positions)) == [(s.valid_from, s.valid_to, s.payload[0]) for s in change.opened]
+    assert change.closed == [] and change.events == []
