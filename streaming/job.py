@@ -1,13 +1,13 @@
-"""The bitemporal streaming job: Kafka assertion events -> keyed timelines (RocksDB) -> Iceberg tables.
+"""The bitemporal streaming job: Kafka or Kinesis assertion events -> keyed timelines (RocksDB) -> Iceberg tables.
 
 Runs by path in the job venv (`.venv/job/bin/python streaming/job.py ...`), started by
-`chronolake.streaming.runtime.launch_stream_job`, which checks the topic, writes the plan (dataset
+`chronolake.streaming.runtime.launch_stream_job`, which checks the topic or stream, writes the plan (dataset
 declarations, partition count) and the state bootstrap, and sets `PYTHONPATH` so that this script
 and the Python functions inside the mini-cluster import the pure `chronolake.iceberg` modules.
 
 Pipeline (operator uids in brackets; they must never change, or restored state maps to nothing):
 
-    Kafka table source (value, partition, offset, log time)
+    Kafka or Kinesis table source (value, partition, position, log time; see sources.py)
     -> key by partition -> [partition-clock] t = max(log time, previous t + 1 us), then validate:
          bad records -> quarantine rows
          good ones   -> key by (dataset, key) -> [entity-timeline] one KeyTransaction at t on the
@@ -40,6 +40,7 @@ from pyflink.table import StreamTableEnvironment
 from chronolake.iceberg.algebra import KeyState
 from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, QUARANTINE_SUFFIX, Column, DatasetSpec
 from chronolake.streaming.catalog import catalog_properties, with_clause
+from chronolake.streaming.sources import KAFKA, KINESIS, RECORDS_QUERY, SOURCES, KafkaSource, KinesisSource, record_source
 from chronolake.streaming.transactions import (
     UNROUTED_QUARANTINE,
     EntityTimeline,
@@ -47,7 +48,6 @@ from chronolake.streaming.transactions import (
     Routed,
     SinkRow,
     insert_sql,
-    source_name,
     stable_system_time,
     system_time,
 )
@@ -59,8 +59,8 @@ SINK = "sink"
 
 # Between the Python operators rows travel positionally (thread mode drops field names).
 CLOCKED = Types.ROW(
-    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.INT(), Types.LONG(), Types.STRING()]
-)  # kind, target (dataset or table), entity key text, t, partition, offset, body
+    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.INT(), Types.STRING(), Types.STRING()]
+)  # kind, target (dataset or table), entity key text, t, partition, position (offset or sequence number), body
 ROWS = Types.ROW([Types.STRING(), Types.STRING()])  # target table, JSON list of the row's text values
 TICK = Types.ROW([Types.INT(), Types.LONG()])  # partition, t
 
@@ -73,9 +73,9 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
     """Keyed by source partition: assigns each record its system time in partition order, then
     validates it. The last t lives in keyed state, so a replay from a checkpoint assigns the same t."""
 
-    def __init__(self, specs: dict[str, str], topic: str, max_event_bytes: int) -> None:
+    def __init__(self, specs: dict[str, str], source: str, max_event_bytes: int) -> None:
         self.specs = specs
-        self.topic = topic
+        self.source = source
         self.max_event_bytes = max_event_bytes
         self.last_t: ValueState | None = None
         self.router: EventRouter | None = None
@@ -87,15 +87,15 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
         assert self.last_t is not None and self.router is not None
-        raw, partition, offset, log_time_ms = value[0], int(value[1]), int(value[2]), int(value[3])
+        raw, partition, position, log_time_ms = value[0], int(value[1]), str(value[2]), int(value[3])
         t = system_time(log_time_ms, self.last_t.value())
         self.last_t.update(t)
-        source = source_name(self.topic, partition, offset)
-        routed = self.router.route(raw if raw is not None else "", source, offset, t)
+        source, line = record_source(self.source, partition, position)
+        routed = self.router.route(raw if raw is not None else "", source, line, t)
         if isinstance(routed, Routed):
-            yield Row(ASSERT, routed.dataset, routed.entity, t, partition, offset, raw)
+            yield Row(ASSERT, routed.dataset, routed.entity, t, partition, position, raw)
         else:
-            yield Row(SINK, routed.target, None, t, partition, offset, json.dumps(routed.values))
+            yield Row(SINK, routed.target, None, t, partition, position, json.dumps(routed.values))
 
 
 class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
@@ -104,9 +104,9 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
     A key the state does not know starts from the table's state at launch (the bootstrap file).
     """
 
-    def __init__(self, specs: dict[str, str], topic: str, bootstrap: str) -> None:
+    def __init__(self, specs: dict[str, str], source: str, bootstrap: str) -> None:
         self.specs = specs
-        self.topic = topic
+        self.source = source
         self.bootstrap_path = bootstrap
         self.state: ValueState | None = None
         self.timelines: dict[str, EntityTimeline] = {}
@@ -122,7 +122,7 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
         assert self.state is not None
-        _, dataset, _, t, partition, offset, raw = value
+        _, dataset, _, t, partition, position, raw = value
         timeline = self.timelines[dataset]
         stored = self.state.value()
         if stored is not None:
@@ -130,7 +130,8 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         else:
             key = timeline.parser.parse(json.loads(raw)).key
             state = self.bootstrap.get(dataset, {}).get(key) or KeyState()
-        rows = timeline.apply(state, raw, source_name(self.topic, partition, offset), offset, t)
+        source, line = record_source(self.source, partition, position)
+        rows = timeline.apply(state, raw, source, line, t)
         self.state.update(base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
         for row in rows:
             yield _sink_row(row)
@@ -240,38 +241,17 @@ def run(args: argparse.Namespace) -> None:
     t_env.execute_sql(
         f"CREATE CATALOG {CATALOG} WITH ({with_clause(catalog_properties(Path(plan['home'])))})"
     )
-    source = {
-        "connector": "kafka",
-        "topic": args.topic,
-        "properties.bootstrap.servers": args.bootstrap_servers,
-        "properties.group.id": args.group_id,
-        "scan.startup.mode": "earliest-offset",
-        "format": "raw",
-    }
-    t_env.execute_sql(
-        f"""
-        CREATE TEMPORARY TABLE kafka_source (
-            payload STRING,
-            kafka_partition INT METADATA FROM 'partition' VIRTUAL,
-            kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
-            log_time TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
-        ) WITH ({with_clause(source)})
-        """
+    # (payload, partition, position, log time ms), whichever the log (chronolake.streaming.sources).
+    source = (
+        KinesisSource(args.stream, args.region, args.endpoint or None)
+        if args.source == KINESIS
+        else KafkaSource(args.topic, args.bootstrap_servers, args.group_id)
     )
-    # Epoch milliseconds: a TIMESTAMP would reach Python as an opaque Java object in thread mode.
-    records = t_env.to_data_stream(
-        t_env.sql_query(
-            """
-            SELECT payload, kafka_partition, kafka_offset,
-                   CAST(EXTRACT(EPOCH FROM log_time) AS BIGINT) * 1000
-                       + EXTRACT(MILLISECOND FROM log_time) AS log_time_ms
-            FROM kafka_source
-            """
-        )
-    )
+    t_env.execute_sql(source.ddl())
+    records = t_env.to_data_stream(t_env.sql_query(RECORDS_QUERY))
     clocked = (
         records.key_by(lambda r: r[1], key_type=Types.INT())
-        .process(PartitionClock(specs, args.topic, args.max_event_bytes), output_type=CLOCKED)
+        .process(PartitionClock(specs, source.name, args.max_event_bytes), output_type=CLOCKED)
         .uid("partition-clock")
         .name("partition-clock")
     )
@@ -282,7 +262,7 @@ def run(args: argparse.Namespace) -> None:
     versions = (
         clocked.filter(lambda r: r[0] == ASSERT).uid("assertions").name("assertions")
         .key_by(lambda r: f"{r[1]}\x00{r[2]}", key_type=Types.STRING())
-        .process(KeyTimeline(specs, args.topic, args.bootstrap), output_type=ROWS)
+        .process(KeyTimeline(specs, source.name, args.bootstrap), output_type=ROWS)
         .uid("entity-timeline")
         .name("entity-timeline")
     )
@@ -311,9 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", required=True, help="plan.json written by runtime.prepare_stream_job")
     parser.add_argument("--bootstrap", default="", help="pickled {dataset: {key: KeyState}} from the tables")
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--group-id", default="chronolake-stream")
+    parser.add_argument("--source", choices=SOURCES, default=KAFKA, help="the log the assertion events arrive on")
+    parser.add_argument("--bootstrap-servers", help="Kafka")
+    parser.add_argument("--topic", help="Kafka")
+    parser.add_argument("--group-id", default="chronolake-stream", help="Kafka")
+    parser.add_argument("--stream", help="Kinesis: the data stream's name")
+    parser.add_argument("--region", help="Kinesis: the stream's AWS region")
+    parser.add_argument("--endpoint", default="", help="Kinesis: endpoint override (an emulator)")
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)
     parser.add_argument(
@@ -334,7 +318,12 @@ def main(argv: list[str] | None = None) -> None:
         help="restarts from the last checkpoint before the job fails (tests want the failure)",
     )
     parser.add_argument("--restore-from", default="", help="a retained checkpoint (chk-N folder)")
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    needed = ["bootstrap_servers", "topic"] if args.source == KAFKA else ["stream", "region"]
+    missing = [f"--{name.replace('_', '-')}" for name in needed if not getattr(args, name)]
+    if missing:
+        parser.error(f"--source {args.source} needs {' and '.join(missing)}")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from chronolake.iceberg.rows import python_columns
 from chronolake.iceberg.schema import quarantine_schema
 from chronolake.iceberg.table import BitemporalTable
 from chronolake.lake import Lake
+from chronolake.streaming.kinesis import DEFAULT_REGION, kinesis_client
+from chronolake.streaming.sources import KAFKA, KINESIS, SOURCES, shard_number
 from chronolake.streaming.transactions import UNROUTED_QUARANTINE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +58,7 @@ class JobRuntimeError(Exception):
 
 
 class StreamSourceError(Exception):
-    """The source topic cannot feed the bitemporal job (missing, or not `LogAppendTime`)."""
+    """The source topic or stream cannot feed the bitemporal job (missing, not `LogAppendTime`, ...)."""
 
 
 def _default_venv() -> Path:
@@ -128,16 +130,22 @@ class JobRuntime:
         return [str(self.python), str(script), *args]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StreamJobSettings:
-    """Where the bitemporal job reads, writes and checkpoints."""
+    """Where the bitemporal job reads, writes and checkpoints. `source` picks the log: Kafka
+    (`bootstrap_servers`, `topic`, `group_id`) or Kinesis (`stream`, `region`, `endpoint`)."""
 
     home: Path
     datasets: Sequence[str]
-    bootstrap_servers: str
-    topic: str
     work_dir: Path
+    source: str = KAFKA
+    bootstrap_servers: str = ""
+    topic: str = ""
     group_id: str = "chronolake-stream"
+    stream: str = ""
+    region: str = DEFAULT_REGION
+    #: None = the region's AWS endpoint; `http://127.0.0.1:<port>` = an emulator (dummy credentials).
+    endpoint: str | None = None
     checkpoint_interval_ms: int = 2000
     stable_interval_ms: int = 1000
     idle_partition_ms: int = 10_000
@@ -171,6 +179,56 @@ def topic_source(bootstrap_servers: str, topic: str) -> int:
     return len(partitions)
 
 
+def kinesis_source(stream: str, region: str, endpoint: str | None = None) -> list[str]:
+    """The stream's shard ids (open and closed ones still holding records), sorted by shard number,
+    after checking the stream exists and is readable. No clock setting to check: every record's
+    approximate arrival time is stamped by the service."""
+    client = kinesis_client(region, endpoint)
+    try:
+        summary = client.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]
+        if summary["StreamStatus"] not in {"ACTIVE", "UPDATING"}:
+            raise StreamSourceError(f"stream {stream!r} is {summary['StreamStatus']}, not ACTIVE")
+        shards: list[str] = []
+        page = client.list_shards(StreamName=stream)
+        while True:
+            shards += [shard["ShardId"] for shard in page["Shards"]]
+            if not page.get("NextToken"):
+                break
+            page = client.list_shards(NextToken=page["NextToken"])
+    except client.exceptions.ResourceNotFoundException:
+        raise StreamSourceError(f"stream {stream!r} does not exist in {region}") from None
+    if not shards:
+        raise StreamSourceError(f"stream {stream!r} has no shards")
+    try:
+        return sorted(shards, key=shard_number)
+    except ValueError as error:
+        raise StreamSourceError(str(error)) from None
+
+
+def _source_arguments(settings: StreamJobSettings) -> tuple[dict[str, object], list[str]]:
+    """Checks the source; returns what the plan records about it and the job's source arguments."""
+    if settings.source == KINESIS:
+        if not settings.stream:
+            raise StreamSourceError("a Kinesis source needs a stream name")
+        shards = kinesis_source(settings.stream, settings.region, settings.endpoint)
+        args = ["--source", KINESIS, "--stream", settings.stream, "--region", settings.region]
+        if settings.endpoint:
+            args += ["--endpoint", settings.endpoint]
+        return {"partitions": len(shards), "shards": shards}, args
+    if settings.source != KAFKA:
+        raise StreamSourceError(f"unknown source {settings.source!r} (one of {', '.join(SOURCES)})")
+    if not settings.bootstrap_servers or not settings.topic:
+        raise StreamSourceError("a Kafka source needs bootstrap servers and a topic")
+    partitions = topic_source(settings.bootstrap_servers, settings.topic)
+    args = [
+        "--source", KAFKA,
+        "--bootstrap-servers", settings.bootstrap_servers,
+        "--topic", settings.topic,
+        "--group-id", settings.group_id,
+    ]
+    return {"partitions": partitions}, args
+
+
 def table_states(table: BitemporalTable) -> dict[Key, KeyState]:
     """Every key's current state, rebuilt from the table (the bootstrap of the job's keyed state)."""
     if table.table.current_snapshot() is None:
@@ -191,7 +249,7 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
     writer (DESIGN: one writer per dataset); a batch load committed while the job runs is not seen.
     """
     runtime = runtime or JobRuntime()
-    partitions = topic_source(settings.bootstrap_servers, settings.topic)
+    source_plan, source_args = _source_arguments(settings)
     lake = Lake(settings.home)
     lake_settings: LakeSettings = lake.settings
     if not str(lake_settings.catalog_properties.get("uri", "")).startswith("sqlite:///"):
@@ -208,7 +266,7 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
         "home": str(lake_settings.home),
         "namespace": lake_settings.namespace,
         "datasets": {t.spec.name: t.spec.to_json() for t in tables},
-        "partitions": partitions,
+        **source_plan,
     }
     plan_path.write_text(json.dumps(plan, indent=2))
     # Pickle: payloads hold Decimals and dates, and both ends run the same chronolake.iceberg code.
@@ -217,9 +275,7 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
     args = [
         "--plan", str(plan_path),
         "--bootstrap", str(bootstrap_path),
-        "--bootstrap-servers", settings.bootstrap_servers,
-        "--topic", settings.topic,
-        "--group-id", settings.group_id,
+        *source_args,
         "--checkpoint-dir", str(settings.work_dir / "checkpoints"),
         "--checkpoint-interval-ms", str(settings.checkpoint_interval_ms),
         "--stable-interval-ms", str(settings.stable_interval_ms),

@@ -71,13 +71,12 @@ def sql_timestamp(micros: int) -> str:
     )
 
 
-def source_name(topic: str, partition: int, offset: int) -> str:
-    return f"kafka:{topic}/{partition}@{offset}"
-
-
-def quarantine_row(target: str, source: str, offset: int, reason: str, raw: str, t: int) -> SinkRow:
+def quarantine_row(target: str, source: str, offset: int | None, reason: str, raw: str, t: int) -> SinkRow:
+    """`offset` is the `line` column: a Kafka offset or a file line; None for a Kinesis record
+    (`chronolake.streaming.sources.record_source`)."""
     kept = raw if len(raw) <= RAW_KEPT else raw[:RAW_KEPT]
-    return SinkRow(target, (source, None, str(offset), reason, kept, sql_timestamp(t)))
+    line = None if offset is None else str(offset)
+    return SinkRow(target, (source, None, line, reason, kept, sql_timestamp(t)))
 
 
 def _sql_cast(name: str, column_type: str) -> str:
@@ -137,7 +136,7 @@ class EventRouter:
         self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
         self.max_event_bytes = max_event_bytes
 
-    def route(self, raw: str, source: str, offset: int, t: int) -> Routed | SinkRow:
+    def route(self, raw: str, source: str, offset: int | None, t: int) -> Routed | SinkRow:
         record: Any = None
         if len(raw.encode("utf-8", "surrogatepass")) <= self.max_event_bytes:
             try:
@@ -176,7 +175,7 @@ class EventRouter:
         return Routed(dataset, assertion.key, repr(assertion.key), assertion)
 
 
-def origin(record: dict[str, Any], source: str, offset: int) -> tuple[str, int]:
+def origin(record: dict[str, Any], source: str, offset: int | None) -> tuple[str, int | None]:
     """The source and line a quarantine row names: the file and line of a published file's row
     (`@origin`), else the stream's record coordinates."""
     found = record.get(ORIGIN_FIELD)
@@ -211,7 +210,7 @@ class EntityTimeline:
         self._payload_types = [c.type for c in spec.columns]
         self._quarantine = spec.name + QUARANTINE_SUFFIX
 
-    def apply(self, state: KeyState, raw: str, source: str, offset: int, t: int) -> list[SinkRow]:
+    def apply(self, state: KeyState, raw: str, source: str, offset: int | None, t: int) -> list[SinkRow]:
         """Mutates `state`. `raw` is re-parsed here: an `Assertion` (decimals, dates) does not cross
         Flink's Python boundary, and parsing is deterministic, so both stages see the same assertion."""
         record = json.loads(raw)
