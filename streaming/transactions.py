@@ -137,19 +137,18 @@ class EventRouter:
         self.max_event_bytes = max_event_bytes
 
     def route(self, raw: str, source: str, offset: int | None, t: int) -> Routed | SinkRow:
-        record: Any = None
-        if len(raw.encode("utf-8", "surrogatepass")) <= self.max_event_bytes:
-            try:
-                record = json.loads(raw)
-            except (ValueError, RecursionError):
-                return quarantine_row(UNROUTED_QUARANTINE, source, offset, "not a JSON object", raw, t)
-        dataset = record.get(DATASET_FIELD) if isinstance(record, dict) else None
-        if record is None:
+        size = len(raw.encode("utf-8", "surrogatepass"))
+        if size > self.max_event_bytes:
             # Too large to parse safely: route by a cheap look at the text, never by decoding it.
-            dataset = _dataset_by_prefix(raw, self.parsers)
-            target = UNROUTED_QUARANTINE if dataset is None else dataset + QUARANTINE_SUFFIX
-            reason = f"event of {len(raw.encode('utf-8', 'surrogatepass'))} bytes exceeds {self.max_event_bytes}"
+            found = _dataset_by_prefix(raw, self.parsers)
+            target = UNROUTED_QUARANTINE if found is None else found + QUARANTINE_SUFFIX
+            reason = f"event of {size} bytes exceeds {self.max_event_bytes}"
             return quarantine_row(target, source, offset, reason, raw, t)
+        try:
+            record: Any = json.loads(raw)
+        except (ValueError, RecursionError):
+            return quarantine_row(UNROUTED_QUARANTINE, source, offset, "not a JSON object", raw, t)
+        dataset = record.get(DATASET_FIELD) if isinstance(record, dict) else None
         if not isinstance(record, dict):
             return quarantine_row(UNROUTED_QUARANTINE, source, offset, "not a JSON object", raw, t)
         if "\\u" in raw and not _encodable(record):

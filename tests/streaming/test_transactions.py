@@ -37,6 +37,7 @@ def test_bad_records_are_routed_to_a_quarantine_with_a_reason() -> None:
     cases = {
         "{not json": (UNROUTED_QUARANTINE, "not a JSON object"),
         "[1, 2]": (UNROUTED_QUARANTINE, "not a JSON object"),
+        "null": (UNROUTED_QUARANTINE, "not a JSON object"),
         event(dataset="nope"): (UNROUTED_QUARANTINE, "unknown dataset 'nope'"),
         event(x="abc"): ("prices__quarantine", "x: expected an integer"),
         event(valid_to="2024-01-01"): ("prices__quarantine", "is not after valid_from"),
