@@ -14,6 +14,7 @@ replay reads the same value. There is no setting to check, unlike Kafka's `LogAp
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -38,6 +39,7 @@ DEFAULT_REGION = "us-east-1"
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 5 << 20
 MAX_RECORD_BYTES = 1 << 20
+MAX_PARTITION_KEY_CHARS = 256
 
 
 class KinesisError(Exception):
@@ -53,12 +55,21 @@ def kinesis_client(region: str = DEFAULT_REGION, endpoint: str | None = None) ->
     return boto3.client("kinesis", region_name=region, endpoint_url=endpoint, config=config, **keys)
 
 
+def partition_key(text: str) -> str:
+    """The partition key Kinesis accepts (1 to 256 characters): the text, or the hex SHA-256 of a
+    longer one. Either way a given text always maps to the same key, hence the same shard."""
+    if not text:
+        raise ValueError("a Kinesis partition key cannot be empty")
+    return text if len(text) <= MAX_PARTITION_KEY_CHARS else hashlib.sha256(text.encode()).hexdigest()
+
+
 def _batches(records: Iterable[tuple[str, bytes]], max_records: int) -> Iterator[list[tuple[str, bytes]]]:
     """Consecutive runs of records with distinct partition keys, within the PutRecords limits."""
     batch: list[tuple[str, bytes]] = []
     keys: set[str] = set()
     size = 0
-    for key, data in records:
+    for text, data in records:
+        key = partition_key(text)
         record_size = len(key.encode()) + len(data)
         if record_size > MAX_RECORD_BYTES:
             raise ValueError(f"a record of {record_size} bytes exceeds Kinesis' {MAX_RECORD_BYTES} (key {key!r})")
@@ -85,7 +96,8 @@ def publish_kinesis(
     """Writes `(partition key, data)` records to a stream with `PutRecords`; returns how many.
 
     Key records by entity (dataset and key), as for Kafka: one key's records then share a shard,
-    and the job applies them in shard order. `PutRecords` can fail some records of a request
+    and the job applies them in shard order. Keys over 256 characters go by their SHA-256
+    (`partition_key`). `PutRecords` can fail some records of a request
     (throttling) and accept the rest, so a key's records could overtake each other on retry; a
     request therefore never carries two records with the same partition key, and its failed records
     are retried (with backoff) before the next request goes. Order across keys is not kept; the

@@ -29,6 +29,7 @@ from chronolake.streaming.kinesis import (
     KinesisEmulatorSettings,
     LocalKinesis,
     _batches,
+    partition_key,
     publish_kinesis,
 )
 from chronolake.streaming.runtime import (
@@ -164,6 +165,19 @@ def test_publisher_keeps_each_keys_order_and_the_service_stamps_arrival(kinesis:
     # A request never holds one key twice, so a retried failure cannot overtake the key's next record.
     for batch in _batches(published, 50):
         assert len({key for key, _ in batch}) == len(batch) and len(batch) <= 50
+
+
+def test_a_long_entity_key_goes_by_its_hash_to_one_shard(kinesis: LocalKinesis) -> None:
+    kinesis.create_stream("long-keys", SHARDS)
+    long_key = "prices\x00" + "k" * 300
+    assert publish_kinesis(kinesis.endpoint, "long-keys", [(long_key, b"1"), (long_key, b"2")], region=kinesis.region) == 2
+    publisher = Publisher(kinesis, "long-keys")
+    publisher.sent = [(partition_key(long_key), value, value) for value in ("1", "2")]
+    records = publisher.read_back()
+    assert [label for _, (label, _, _) in sorted(records.items())] == ["1", "2"]
+    assert len({shard for shard, _ in records}) == 1
+    with pytest.raises(ValueError, match="cannot be empty"):
+        publish_kinesis(kinesis.endpoint, "long-keys", [("", b"x")], region=kinesis.region)
 
 
 def test_a_missing_stream_is_refused(kinesis: LocalKinesis) -> None:
