@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import time
 import traceback
+from bisect import bisect_right
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,15 +27,25 @@ from pyiceberg_core import transform as bucket_transform
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from chronolake.batch_compat.columnar import ParsedRows, by_distinct, parse_batch, parse_keys
-from chronolake.batch_compat.readers import ColumnMapping, RawBatch, SourceFile, raw_text, read_records
-from chronolake.iceberg.algebra import UPSERT, Assertion, Key, KeyState, KeyTransaction
+from chronolake.batch_compat.columnar import (
+    ParsedRows,
+    ValidBatch,
+    arrow_values,
+    by_distinct,
+    parse_batch,
+    parse_keys,
+    python_values,
+    validate_batch,
+)
+from chronolake.batch_compat.readers import ColumnMapping, RawBatch, RawRecord, SourceFile, raw_text, read_records
+from chronolake.iceberg.algebra import DELETE, UPSERT, Assertion, Key, KeyState, KeyTransaction, new_key_timeline
 from chronolake.iceberg.exceptions import ChronolakeError, CommitConflict, ConfigError, SystemTimeError, UnreadableFile
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.rows import RowBuilder
-from chronolake.iceberg.schema import quarantine_schema
+from chronolake.iceberg.dataset import OPEN, ROW_KIND, SYSTEM_FROM, SYSTEM_TO, VALID_FROM, VALID_TO, DatasetSpec
+from chronolake.iceberg.schema import TIMESTAMP, arrow_schema, arrow_type, quarantine_schema
 from chronolake.iceberg.table import BitemporalTable
-from chronolake.iceberg.temporal import PERIODS, TimestampError, add_period, format_micros, to_micros
+from chronolake.iceberg.temporal import PERIODS, SENTINEL, TimestampError, add_period, format_micros, to_micros
 
 ALREADY_LOADED = "already loaded"
 REPEATED = "repeated in this load"
@@ -331,8 +342,8 @@ class _Run:
         except (TimestampError, ValueError, OverflowError):
             raise InvalidAssertion(f"system-time column {column!r} has no valid timestamp ({value!r})") from None
 
-    def _malformed(self, source: SourceFile, file_report: FileReport, raw: RawBatch) -> None:
-        for record in raw.records:
+    def _malformed(self, source: SourceFile, file_report: FileReport, records: list[RawRecord]) -> None:
+        for record in records:
             if record.record is None:
                 self._reject(source, file_report, record.line, record.problem or "unreadable row", record.raw)
 
@@ -358,74 +369,274 @@ class _Run:
         if processes > 1:
             self._in_processes(to_load, t, processes)
         else:
-            self._apply_files(to_load, t, None)
-            self._commit(to_load, t, groups=1)
+            data_files = self._apply_files(to_load, t, None)
+            self.quarantine.sort(key=_quarantine_order(to_load))
+            self._commit(to_load, t, groups=1, data_files=data_files)
 
     def _apply_files(
         self, to_load: list[tuple[SourceFile, FileReport]], t: int, partition: tuple[int, int] | None
-    ) -> None:
-        """Apply every row (or, with ``partition=(i, n)``, the rows of the keys in share i of n)."""
+    ) -> list[DataFile]:
+        """Apply every row (or, with ``partition=(i, n)``, the rows of the keys in share i of n) and
+        write the resulting rows as (uncommitted) data files.
+
+        The valid rows stay in Arrow, in input order. Keys without stored versions whose rows carry
+        no event ids (nearly all of a fresh load) go through :func:`new_key_timeline` on plain
+        integers, and their versions' key and payload columns are taken from the input by position;
+        the other keys (stored state, event ids to check) go through :class:`KeyTransaction` with
+        Python values.
+        """
+        rows = self._collect(to_load, partition)
+        versions = self._apply_rows(rows, t, to_load)
+        for _, file_report in to_load:
+            file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
+        presorted = True
+        if len(self.builder):
+            versions = pa.concat_tables([versions, self.builder.to_arrow()])
+            self.builder = RowBuilder(self.table.spec)
+            presorted = False
+        return self.table.write(versions, presorted=presorted)
+
+    def _collect(self, to_load: list[tuple[SourceFile, FileReport]], partition: tuple[int, int] | None) -> _Collected:
+        """Read and validate; quarantine bad rows; the valid rows as one Arrow table in input order."""
+        spec = self.table.spec
+        schema = _collected_schema(spec)
+        batches: list[pa.RecordBatch] = []
+        texts: list[tuple[int, Callable[[int], str | None]]] = []
+        count = 0
+        for file_index, (source, file_report) in enumerate(to_load):
+            advance = self.phases.phase(f"loading {source.path.name}", source.size)
+            for raw in read_records(source, spec, advance, self.options.mapping):
+                lines = pa.array(raw.lines, pa.int64())
+                table = raw.table
+                records = raw.records
+                if partition is not None:
+                    lines, table, records = self._share(lines, table, records, partition)
+                file_report.rows += len(records) + (0 if table is None else table.num_rows)
+                self._malformed(source, file_report, records)
+                if table is not None and table.num_rows:
+                    valid = validate_batch(self.parser, table)
+                    columns = [*valid.keys, valid.deletes, valid.valid_from, valid.valid_to, *valid.payloads, valid.event_ids]
+                    text = _table_text(table)
+                else:
+                    valid, columns, text, lines = self._records(records)
+                    if valid is None:
+                        continue
+                reasons = valid.reasons
+                batch = pa.RecordBatch.from_arrays(
+                    [*columns, lines, pa.nulls(len(lines), pa.int32()).fill_null(file_index)], schema=schema
+                )
+                if reasons is not None:
+                    for index, reason in enumerate(reasons):
+                        if reason is not None:
+                            self._reject(source, file_report, lines[index].as_py(), reason, text(index))
+                    keep = pa.array([reason is None for reason in reasons], pa.bool_())
+                    batch = batch.filter(keep)
+                    text = _kept(text, keep)
+                if batch.num_rows:
+                    if valid.event_ids.null_count < len(valid.event_ids):
+                        texts.append((count, text))
+                    batches.append(batch)
+                    count += batch.num_rows
+        table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
+        if self.options.period is not None and table.num_rows:
+            table = table.set_column(
+                schema.get_field_index(_VALID_TO), _VALID_TO, self._period_fill(table[_VALID_FROM], table[_VALID_TO])
+            )
+        return _Collected(table, texts)
+
+    def _records(
+        self, records: list[RawRecord]
+    ) -> tuple[ValidBatch | None, list[pa.Array], Callable[[int], str | None], pa.Array]:
+        """JSON records (the parser, one at a time) in the same columns as a validated batch."""
+        parsed: list[Assertion | None] = []
+        reasons: list[str | None] = []
+        kept: list[RawRecord] = []
+        for record in records:
+            if record.record is None:
+                continue
+            kept.append(record)
+            try:
+                parsed.append(self.parser.parse(record.record))
+                reasons.append(None)
+            except InvalidAssertion as error:
+                parsed.append(None)
+                reasons.append(str(error))
+        lines = pa.array([r.line for r in kept], pa.int64())
+        if not kept:
+            return None, [], lambda i: None, lines
+        spec = self.table.spec
+        blank = Assertion((None,) * len(spec.key), UPSERT, 0, None, (None,) * len(spec.columns))
+        assertions = [blank if a is None else a for a in parsed]
+        keys = [arrow_values([a.key[i] for a in assertions], arrow_type(c)) for i, c in enumerate(spec.key)]
+        payloads = [arrow_values([a.payload[i] for a in assertions], arrow_type(c)) for i, c in enumerate(spec.columns)]
+        valid = ValidBatch(
+            keys,
+            pa.array([a.op == DELETE for a in assertions], pa.bool_()),
+            pa.array([a.valid_from for a in assertions], pa.int64()),
+            pa.array([a.valid_to for a in assertions], pa.int64()),
+            payloads,
+            pa.array([a.event_id for a in assertions], pa.string()),
+            reasons if any(r is not None for r in reasons) else None,
+        )
+        columns = [*valid.keys, valid.deletes, valid.valid_from, valid.valid_to, *valid.payloads, valid.event_ids]
+        return valid, columns, lambda i: raw_text(kept[i].record or {}), lines
+
+    def _period_fill(self, valid_from: pa.ChunkedArray, valid_to: pa.ChunkedArray) -> pa.Array:
+        encoded = valid_from.combine_chunks().dictionary_encode()
+        ends = pa.array([self._valid_to(v, None) for v in encoded.dictionary.to_pylist()], pa.int64())
+        return pc.coalesce(valid_to.combine_chunks(), ends.take(encoded.indices))
+
+    def _apply_rows(self, collected: _Collected, t: int, to_load: list[tuple[SourceFile, FileReport]]) -> pa.Table:
+        """The versions opened for keys without stored versions or event ids, in partition and sort
+        order; the other keys' rows go through the algebra into the builder (:meth:`_apply_slow`)."""
+        rows = collected.table
+        spec = self.table.spec
+        names = spec.key_names
+        if rows.num_rows == 0:
+            return arrow_schema(spec).empty_table()
+        def column(name: str) -> pa.Array:
+            return rows[name].combine_chunks()
+
+        # Partition, then key order (Arrow's sort is stable: each key's rows stay in input order), so
+        # the versions come out in the order the data files want.
+        partitions = self.table.partition_values(rows)
+        ordered = rows.select(names)
+        for index, values in enumerate(partitions):
+            ordered = ordered.append_column(f"__partition{index}", values)
+        order = pc.sort_indices(
+            ordered, [(f"__partition{i}", "ascending") for i in range(len(partitions))] + [(n, "ascending") for n in names]
+        )
+        count = rows.num_rows
+        # changed[i]: rows i and i + 1 (in key order) belong to different keys.
+        changed = pa.array([], pa.bool_())
+        for name in names:
+            in_order = column(name).take(order)
+            differs = pc.not_equal(in_order.slice(1), in_order.slice(0, count - 1))
+            changed = differs if len(changed) == 0 else pc.or_(changed, differs)
+        starts = [0, *(i + 1 for i in pc.indices_nonzero(changed).to_pylist())]
+        bounds = [*starts, count]
+        group = pc.cumulative_sum(pa.concat_arrays([pa.array([0], pa.int64()), changed.cast(pa.int64())]))
+
+        slow: set[int] = set()
+        events = column(_EVENT_ID).take(order)
+        if events.null_count < count:
+            slow.update(pc.unique(group.filter(pc.is_valid(events))).to_pylist())
         states: dict[Key, KeyState] = {}
         if self.latest is not None:
-            states = self.table.load_state(sorted(self._keys(to_load, partition), key=repr))
+            firsts = order.take(pa.array(starts, pa.int64()))
+            key_values = list(zip(*(python_values(column(n).take(firsts)) for n in names)))
+            states = self.table.load_state(sorted(key_values, key=repr))
+            slow.update(g for g, key in enumerate(key_values) if key in states)
+
+        deletes = column(_DELETE).take(order)
+        valid_from = column(_VALID_FROM).take(order)
+        valid_to = column(_VALID_TO).take(order)
+        # A key whose upserts without valid_to arrive in ascending valid time (most keys of a feed)
+        # opens [valid_from, next valid_from) per row and [last valid_from, sentinel): no loop needed.
+        ascending = pa.concat_arrays(
+            [pa.array([True]), pc.or_(changed, pc.greater(valid_from.slice(1), valid_from.slice(0, count - 1)))]
+        )
+        plain = pc.and_(pc.and_(pc.invert(deletes), pc.is_null(valid_to)), ascending)
+        looped = set(pc.unique(group.filter(pc.invert(plain))).to_pylist()) - slow
+        simple = pc.invert(pc.is_in(group, pa.array(sorted(looped | slow), pa.int64())))
+        next_same = pa.concat_arrays([pc.invert(changed), pa.array([False])])
+        next_from = pa.concat_arrays([valid_from.slice(1), pa.array([0], pa.int64())])
+        simple_to = pc.if_else(next_same, next_from, pa.scalar(SENTINEL, pa.int64()))
+
+        deletes_list = deletes.to_pylist() if looped else []
+        from_list = valid_from.to_pylist() if looped else []
+        to_list = valid_to.to_pylist() if looped else []
+        froms: list[int] = []
+        tos: list[int] = []
+        refs: list[int] = []
+        groups: list[int] = []
+        for key_group in sorted(looped):
+            group_froms, group_tos, group_refs = new_key_timeline(
+                deletes_list, from_list, to_list, bounds[key_group], bounds[key_group + 1]
+            )
+            froms += group_froms
+            tos += group_tos
+            refs += group_refs
+            groups += [key_group] * len(group_refs)
+        if slow:
+            self._apply_slow(collected, order, bounds, sorted(slow), states, t, to_load)
+
+        opened = pa.table(
+            {
+                "group": pa.concat_arrays([group.filter(simple), pa.array(groups, pa.int64())]),
+                "from": pa.concat_arrays([valid_from.filter(simple), pa.array(froms, pa.int64())]),
+                "to": pa.concat_arrays([simple_to.filter(simple), pa.array(tos, pa.int64())]),
+                "ref": pa.concat_arrays([pc.indices_nonzero(simple).cast(pa.int64()), pa.array(refs, pa.int64())]),
+            }
+        )
+        if looped:
+            opened = opened.take(pc.sort_indices(opened, [("group", "ascending"), ("from", "ascending")]))
+        self.report.versions_opened += opened.num_rows
+        positions = order.take(opened["ref"])
+        return _versions(spec, rows.select([*names, *spec.payload_names]).take(positions), opened["from"], opened["to"], t)
+
+    def _apply_slow(
+        self,
+        collected: _Collected,
+        order: pa.Array,
+        bounds: list[int],
+        groups: list[int],
+        states: dict[Key, KeyState],
+        t: int,
+        to_load: list[tuple[SourceFile, FileReport]],
+    ) -> None:
+        """The keys with stored versions or event ids: the algebra on Python values, in input order."""
+        spec = self.table.spec
+        sorted_positions = [p for g in groups for p in range(bounds[g], bounds[g + 1])]
+        positions = order.take(pa.array(sorted_positions, pa.int64()))
+        rows = collected.table.take(positions)
+        keys = list(zip(*(python_values(rows[n]) for n in spec.key_names)))
+        payloads = list(zip(*(python_values(rows[n]) for n in spec.payload_names))) if spec.payload_names else [()] * rows.num_rows
+        fields = zip(
+            keys, rows[_DELETE].to_pylist(), rows[_VALID_FROM].to_pylist(), rows[_VALID_TO].to_pylist(), payloads,
+            rows[_EVENT_ID].to_pylist(), rows[_LINE].to_pylist(), rows[_FILE].to_pylist(), positions.to_pylist(),
+        )
         transactions: dict[Key, KeyTransaction] = {}
-        period = self.options.period
-        for source, file_report in to_load:
-            advance = self.phases.phase(f"loading {source.path.name}", source.size)
-            for raw in read_records(source, self.table.spec, advance, self.options.mapping):
-                if partition is not None:
-                    raw = self._share(raw, partition)
-                self._malformed(source, file_report, raw)
-                rows = self._rows(source, raw)
-                file_report.rows += len(rows.lines) + sum(1 for r in raw.records if r.record is None)
-                # The per-row loop of every load, kept flat: one dict lookup and one apply per row.
-                for index, (key, op, valid_from, valid_to, payload, event_id, reason) in enumerate(zip(*rows.parsed)):
-                    if reason is None:
-                        if valid_to is None and period is not None:
-                            valid_to = self._valid_to(valid_from, None)
-                        transaction = transactions.get(key)
-                        if transaction is None:
-                            transaction = transactions[key] = _transaction(key, states, t)
-                        if event_id is None:
-                            transaction.apply(_new_assertion((key, op, valid_from, valid_to, payload, None)))
-                            continue
-                        reason = _apply(
-                            _new_assertion((key, op, valid_from, valid_to, payload, event_id)), transaction
-                        )
-                        if reason is None:
-                            continue
-                        if reason is DUPLICATE:
-                            file_report.duplicates += 1
-                            continue
-                    self._reject(source, file_report, rows.lines[index], reason, rows.text(index))
-            file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
+        for key, delete, valid_from, valid_to, payload, event_id, line, file_index, position in fields:
+            transaction = transactions.get(key)
+            if transaction is None:
+                transaction = transactions[key] = _transaction(key, states, t)
+            assertion = _new_assertion((key, DELETE if delete else UPSERT, valid_from, valid_to, payload, event_id))
+            reason = _apply(assertion, transaction)
+            if reason is None:
+                continue
+            source, file_report = to_load[file_index]
+            if reason is DUPLICATE:
+                file_report.duplicates += 1
+            else:
+                self._reject(source, file_report, line, reason, collected.text(position))
         self._finish_group(transactions, t)
 
-    def _share(self, raw: RawBatch, partition: tuple[int, int]) -> RawBatch:
+    def _share(
+        self, lines: pa.Array, table: pa.RecordBatch | None, records: list[RawRecord], partition: tuple[int, int]
+    ) -> tuple[pa.Array, pa.RecordBatch | None, list[RawRecord]]:
         """The part of a batch whose keys belong to this process. Every row goes to exactly one process:
         rows without a valid key to share 0 (or, on the vectorised path, wherever their text hashes),
         which quarantines them."""
         share, shares = partition
         first = share == 0
-        lines: list[int] = []
-        table = raw.table
         if table is not None:
             mask = self._share_mask(table, share, shares)
-            lines = [line for line, mine in zip(raw.lines, mask.to_pylist()) if mine]
+            lines = lines.filter(mask)
             table = table.filter(mask)
-        records = []
-        for record in raw.records:
+        mine_records = []
+        for record in records:
             if record.record is None:
                 if first:
-                    records.append(record)
+                    mine_records.append(record)
                 continue
             try:
                 mine = self._share_of(self.parser.parse_key(record.record), shares) == share
             except InvalidAssertion:
                 mine = first
             if mine:
-                records.append(record)
-        return RawBatch(lines, table, records)
+                mine_records.append(record)
+        return lines, table, mine_records
 
     def _string_key(self) -> bool:
         return len(self.table.spec.key) == 1 and self.table.spec.key[0].type == "string"
@@ -493,8 +704,7 @@ class _Run:
                 file_report.duplicates += duplicates
         for _, file_report in to_load:
             file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
-        order = {str(source.path): index for index, (source, _) in enumerate(to_load)}
-        self.quarantine.sort(key=lambda q: (order[q[0]], q[2]))
+        self.quarantine.sort(key=_quarantine_order(to_load))
         self._commit(to_load, t, groups=1, data_files=data_files)
 
     def _worker(
@@ -509,11 +719,10 @@ class _Run:
             self.phases = _SharedProgress(consumed if partition[0] == 0 else None)
             for _, file_report in to_load:
                 file_report.rows = file_report.quarantined = file_report.duplicates = 0
-            self._apply_files(to_load, t, partition)
-            counts = [(f.rows, f.quarantined, f.duplicates) for _, f in to_load]
             # This process writes its keys' data files itself (in parallel with the others); the
             # parent commits them all in one append, so nothing is visible before that commit.
-            written = self.table.write(self.builder.to_arrow())
+            written = self._apply_files(to_load, t, partition)
+            counts = [(f.rows, f.quarantined, f.duplicates) for _, f in to_load]
             sender.send(("ok", written, self.quarantine, counts, self.report.versions_opened, self.report.versions_closed))
         except ChronolakeError as error:
             sender.send(("error", type(error).__name__, str(error)))
@@ -530,7 +739,7 @@ class _Run:
         for index, (source, file_report) in enumerate(to_load):
             advance = self.phases.phase(f"reading {source.path.name}", source.size)
             for raw in read_records(source, self.table.spec, advance, self.options.mapping):
-                self._malformed(source, file_report, raw)
+                self._malformed(source, file_report, raw.records)
                 rows = self._rows(source, raw)
                 file_report.rows += len(rows.lines) + sum(1 for r in raw.records if r.record is None)
                 for position, (fields, t) in enumerate(zip(zip(*rows.parsed), rows.system_times)):
@@ -593,23 +802,6 @@ class _Run:
         self.report.first_system_time = first if first is not None else t
         self.report.transactions = groups
 
-    def _keys(self, to_load: list[tuple[SourceFile, FileReport]], partition: tuple[int, int] | None = None) -> set[Key]:
-        keys: set[Key] = set()
-        for source, _ in to_load:
-            advance = self.phases.phase(f"reading keys of {source.path.name}", source.size)
-            for raw in read_records(source, self.table.spec, advance, self.options.mapping):
-                if partition is not None:
-                    raw = self._share(raw, partition)
-                if raw.table is not None:
-                    keys.update(k for k in parse_keys(self.parser, raw.table) if k is not None)
-                for record in raw.records:
-                    if record.record is not None:
-                        try:
-                            keys.add(self.parser.parse_key(record.record))
-                        except InvalidAssertion:
-                            pass
-        return keys
-
 
 def _transaction(key: Key, states: dict[Key, KeyState], t: int) -> KeyTransaction:
     # The key's state outlives this transaction: a backfill's later transactions continue from it.
@@ -660,3 +852,79 @@ def _quarantine_table(rows: list[tuple[str, str, int, str, str | None]], t: int)
         schema=schema,
     )
 
+
+
+_DELETE = "__delete"
+_VALID_FROM = "__valid_from"
+_VALID_TO = "__valid_to"
+_EVENT_ID = "__event_id"
+_LINE = "__line"
+_FILE = "__file"
+
+
+def _collected_schema(spec: DatasetSpec) -> pa.Schema:
+    """The valid rows of a load: key and payload columns as stored, the assertion's other fields, and
+    where each row came from."""
+    return pa.schema(
+        [
+            *(pa.field(c.name, arrow_type(c)) for c in spec.key),
+            pa.field(_DELETE, pa.bool_()),
+            pa.field(_VALID_FROM, pa.int64()),
+            pa.field(_VALID_TO, pa.int64()),
+            *(pa.field(c.name, arrow_type(c)) for c in spec.columns),
+            pa.field(_EVENT_ID, pa.string()),
+            pa.field(_LINE, pa.int64()),
+            pa.field(_FILE, pa.int32()),
+        ]
+    )
+
+
+class _Collected(NamedTuple):
+    table: pa.Table
+    #: Raw text of rows with event ids (the only ones the algebra can refuse): (first position, text of
+    #: the batch's n-th row) per batch, in position order.
+    texts: list[tuple[int, Callable[[int], str | None]]]
+
+    def text(self, position: int) -> str | None:
+        index = bisect_right([start for start, _ in self.texts], position) - 1
+        start, text = self.texts[index]
+        return text(position - start)
+
+
+def _table_text(table: pa.RecordBatch) -> Callable[[int], str | None]:
+    return lambda i: raw_text(table.slice(i, 1).to_pylist()[0])
+
+
+def _kept(text: Callable[[int], str | None], keep: pa.Array) -> Callable[[int], str | None]:
+    """``text`` renumbered for the rows ``keep`` selects."""
+    kept = pc.indices_nonzero(keep).to_pylist()
+    return lambda i: text(kept[i])
+
+
+def _versions(spec: DatasetSpec, columns: pa.Table, froms: pa.ChunkedArray, tos: pa.ChunkedArray, t: int) -> pa.Table:
+    """Opened versions (``system_to`` = sentinel) with key and payload ``columns`` taken from the input."""
+    schema = arrow_schema(spec)
+    count = columns.num_rows
+    arrays = []
+    for declared in schema:
+        name = declared.name
+        if name in columns.column_names:
+            arrays.append(columns[name])
+        elif name == VALID_FROM:
+            arrays.append(froms.cast(TIMESTAMP))
+        elif name == VALID_TO:
+            arrays.append(tos.cast(TIMESTAMP))
+        elif name == SYSTEM_FROM:
+            arrays.append(pa.repeat(pa.scalar(t, TIMESTAMP), count))
+        elif name == SYSTEM_TO:
+            arrays.append(pa.repeat(pa.scalar(SENTINEL, TIMESTAMP), count))
+        elif name == ROW_KIND:
+            arrays.append(pa.repeat(pa.scalar(OPEN, pa.string()), count))
+        else:
+            arrays.append(pa.nulls(count, declared.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _quarantine_order(to_load: list[tuple[SourceFile, FileReport]]) -> Callable[[tuple[Any, ...]], tuple[int, int]]:
+    order = {str(source.path): index for index, (source, _) in enumerate(to_load)}
+    return lambda q: (order[q[0]], q[2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections import defaultdict
@@ -12,9 +13,17 @@ import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual, NotNull
-from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
+from pyiceberg.io.pyarrow import (
+    _check_pyarrow_schema_compatible,
+    _dataframe_to_data_files,
+    bin_pack_arrow_table,
+    pyarrow_to_schema,
+    write_file,
+)
 from pyiceberg.manifest import DataFile
-from pyiceberg.table import Table
+from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+from pyiceberg.table import Table, TableProperties, WriteTask
+from pyiceberg.utils.properties import property_as_int
 
 from chronolake.iceberg.algebra import Key, KeyState, Segment
 from chronolake.iceberg.config import LakeSettings
@@ -213,13 +222,26 @@ class BitemporalTable:
         return dict(states)
 
     def ledger(self, hashes: Iterable[str] | None = None) -> pa.Table:
-        """The file ledger (``sha256``, ``loaded_at``), optionally only for some hashes."""
+        """The file ledger (``sha256``, ``loaded_at``, ``entries``), optionally only for some hashes.
+
+        A batch load writes one ledger row per file. A file published through the stream has one per
+        partition, each behind the file's rows in its partition: the file is in the table once all
+        are, at the latest of their times (``loaded_at``); ``entries`` counts them.
+        """
         row_filter: BooleanExpression = EqualTo(ROW_KIND, FILE)
         if hashes is not None:
             row_filter = And(row_filter, In(EVENT_ID, {f"{LEDGER_PREFIX}{h}" for h in hashes}))
         rows = self.scan(row_filter, [EVENT_ID, SYSTEM_FROM])
         sha256 = pc.utf8_slice_codeunits(rows[EVENT_ID], len(LEDGER_PREFIX))
-        return pa.table({"sha256": sha256, "loaded_at": rows[SYSTEM_FROM]})
+        grouped = pa.table({"sha256": sha256, "loaded_at": rows[SYSTEM_FROM]}).group_by("sha256", use_threads=False)
+        ledger = grouped.aggregate([("loaded_at", "max"), ("loaded_at", "count")])
+        return pa.table(
+            {
+                "sha256": ledger["sha256"],
+                "loaded_at": ledger["loaded_at_max"],
+                "entries": ledger["loaded_at_count"],
+            }
+        )
 
     def loaded_files(self, hashes: Iterable[str]) -> dict[str, int]:
         """Which of these file hashes are already in the ledger, with the system time they were loaded at."""
@@ -233,20 +255,69 @@ class BitemporalTable:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def write(self, data: pa.Table, *, presorted: bool = False) -> list[DataFile]:
-        """Write rows as data files of this table, in the declared sort order, without committing them.
+    def partition_values(self, data: pa.Table) -> list[pa.Array]:
+        """The table's partition values of ``data``'s rows, one array per partition field."""
+        metadata = self.table.metadata
+        schema = metadata.schema()
+        values = []
+        for partition in metadata.spec().fields:
+            source = schema.find_field(partition.source_id)
+            column = data[source.name]
+            if isinstance(column, pa.ChunkedArray):
+                column = column.combine_chunks()
+            values.append(partition.transform.pyarrow_transform(source.field_type)(column))
+        return values
 
-        The files are invisible until :meth:`commit` names them; if that commit never happens they are
-        orphans, which maintenance removes after its grace period (docs/storage.md). Load processes
-        write their own files this way, so the commit only writes the manifest.
+    def write(self, data: pa.Table, *, presorted: bool = False) -> list[DataFile]:
+        """Write rows as data files of this table without committing them: one file per partition (or
+        more when large), each in the declared sort order.
+
+        ``presorted``: the rows are already in partition order and, within a partition, in the sort
+        order. The files are invisible until :meth:`commit` names them; if that commit never happens
+        they are orphans, which maintenance removes after its grace period (docs/storage.md). Load
+        processes write their own files this way, so the commit only writes the manifest.
         """
         if data.num_rows == 0:
             return []
-        if not presorted:
-            data = data.sort_by([(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)])
         metadata = self.table.metadata
         _check_pyarrow_schema_compatible(metadata.schema(), data.schema, format_version=metadata.format_version)
-        return list(_dataframe_to_data_files(metadata, data, self.table.io, write_uuid=uuid.uuid4()))
+        write_uuid = uuid.uuid4()
+        order = [(n, "ascending") for n in (*self.spec.key_names, VALID_FROM, SYSTEM_FROM)]
+        spec = metadata.spec()
+        if len(spec.fields) != 1:
+            return list(_dataframe_to_data_files(metadata, data.sort_by(order), self.table.io, write_uuid=write_uuid))
+        (values,) = self.partition_values(data)
+        if not presorted:
+            indices = pc.sort_indices(data.append_column("__partition", values), [("__partition", "ascending"), *order])
+            data, values = data.take(indices), values.take(indices)
+        # Rows of one partition are contiguous: slice instead of filtering the table once per partition.
+        runs = pc.run_end_encode(values)
+        ends = runs.run_ends.to_pylist()
+        partition_values = runs.values.to_pylist()
+        task_schema = pyarrow_to_schema(
+            data.schema, name_mapping=metadata.schema().name_mapping, format_version=metadata.format_version
+        )
+        target = property_as_int(
+            metadata.properties,
+            TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+            TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT,
+        )
+        counter = itertools.count()
+        tasks = []
+        start = 0
+        for end, value in zip(ends, partition_values):
+            key = PartitionKey(
+                field_values=[PartitionFieldValue(field=spec.fields[0], value=value)],
+                partition_spec=spec,
+                schema=metadata.schema(),
+            )
+            part = data.slice(start, end - start).combine_chunks()
+            for batches in bin_pack_arrow_table(part, target):
+                tasks.append(
+                    WriteTask(write_uuid=write_uuid, task_id=next(counter), record_batches=batches, partition_key=key, schema=task_schema)
+                )
+            start = end
+        return list(write_file(self.table.io, metadata, iter(tasks)))
 
     def commit(
         self,
