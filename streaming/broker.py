@@ -40,8 +40,13 @@ def _free_port() -> int:
 
 
 def _cluster_id() -> str:
-    # KRaft cluster ids are 16 random bytes in URL-safe base64 without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # KRaft cluster ids are 16 random bytes in URL-safe base64 without padding. One in 64 starts
+    # with "-", which the storage tool takes for an option ("--cluster-id: expected one argument");
+    # Kafka's own Uuid.randomUuid() skips those too.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass(frozen=True)
