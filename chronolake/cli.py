@@ -340,11 +340,14 @@ def maintain(
 @app.command()
 def demo(
     home: Annotated[Optional[Path], typer.Option(help="Lake directory (default: CHRONOLAKE_HOME).")] = None,
+    batch: Annotated[bool, typer.Option("--batch", help="Batch loads instead of the local broker and streaming job.")] = False,
 ) -> None:
-    """Load a realistic market-data feed with late corrections and a restatement; compare reports."""
+    """Stream a realistic market-data feed with late corrections and a restatement; compare reports."""
     from chronolake.demo import run_demo
+    from chronolake.streaming.cli import user_errors
 
-    run_demo(home)
+    with user_errors():
+        run_demo(home, stream=not batch)
 
 
 app.command()(stream)

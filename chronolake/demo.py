@@ -1,17 +1,22 @@
-"""The main job on the embedded lake: market data with late corrections and a restatement.
+"""The main job on the embedded lake: market data with late corrections and a restatement, streamed.
 
-Three loads arrive as an index provider's files would: the end-of-day levels and bond coupons for Q1
-2024, then a file of late corrections (a fat-finger level, a missing day delivered late), then a
-retroactive restatement (a divisor error fixed from 1 March onwards, and a coupon reset re-fixed).
-The demo prints what a report at the first load's system time showed next to what is known now,
-what changed between them, and one key's full history. Re-running it reloads nothing (the file
-ledger) and prints the same report.
+Three waves arrive as an index provider's files would: the end-of-day levels and bond coupons for Q1
+2024, then late corrections (a fat-finger level, a missing day delivered late), then a retroactive
+restatement (a divisor error fixed from 1 March onwards, and a coupon reset re-fixed). By default
+they go through the streaming path: a local Kafka broker and the bitemporal Flink job (local
+mini-cluster) are started, each wave is published as assertion events (`chronolake.streaming.feed`)
+and committed by the job, then both are stopped. With `stream=False` the same files are batch loads.
+
+The demo prints what a report at the time the first wave was complete showed next to what is known
+now, what changed between them, and one key's full history; then a backfill of real GDP vintages
+(a batch load). Re-running it delivers nothing again (the file ledger) and prints the same report.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Callable
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,9 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from chronolake.batch_compat.load import LoadReport
+from chronolake.batch_compat.readers import SourceFile
+from chronolake.iceberg.exceptions import ChronolakeError
 from chronolake.iceberg.temporal import format_micros
 from chronolake.lake import Dataset, Lake
 from chronolake.output import text
+from chronolake.streaming.cli import wait_for_ledger
+from chronolake.streaming.feed import KafkaPublisher, publish_files
+from chronolake.streaming.service import StreamOptions, StreamService
 
 INDICES = {"STOXX50": Decimal("4521.65"), "SMI": Decimal("11137.79"), "NIKKEI225": Decimal("33464.17")}
 BONDS = {
@@ -107,20 +117,95 @@ def _load(dataset: Dataset, files: list[Path]) -> int:
     return max(times)
 
 
-def run_demo(home: Path | None = None) -> None:
+class _Published:
+    """Delivers the demo's files through the streaming job: publish, then wait for the ledger."""
+
+    def __init__(self, service: StreamService) -> None:
+        self.service = service
+
+    def __call__(self, dataset: Dataset, files: list[Path]) -> int:
+        with KafkaPublisher(self.service.bootstrap_servers, self.service.options.topic) as publisher:
+            results = publish_files(dataset.spec, files, publisher, dataset.table.loaded_files)
+        timeout_s = 300.0
+        complete = wait_for_ledger(dataset, results, timeout_s)
+        times = []
+        for result in results:
+            if result.status == "published":
+                if result.sha256 not in complete:
+                    raise ChronolakeError(f"the job did not commit {result.path.name} within {timeout_s:.0f}s; see {self.service.log}")
+                at = complete[result.sha256]
+                detail = f"{result.rows} events, committed by the job"
+            else:
+                at = dataset.table.loaded_files([result.sha256])[result.sha256]
+                detail = result.status
+            times.append(at)
+            console.print(f"  {dataset.name:<13} {result.path.name:<32} {detail:<32} system time {format_micros(at)}")
+        return max(times)
+
+
+def _already_loaded(dataset: Dataset, files: list[Path]) -> int:
+    times = []
+    for file in files:
+        sha256 = SourceFile.detect(file).sha256()
+        at = dataset.table.loaded_files([sha256])[sha256]
+        console.print(f"  {dataset.name:<13} {file.name:<32} {'already loaded':<32} system time {format_micros(at)}")
+        times.append(at)
+    return max(times)
+
+
+def _deliver(waves: list[tuple[str, list[tuple[Dataset, list[Path]]]]], deliver: Callable[[Dataset, list[Path]], int]) -> tuple[int, int]:
+    """Each wave's files in order; returns the system time the first wave is complete at, and the last's."""
+    times = []
+    for title, pairs in waves:
+        console.print(f"\n[bold]{title}[/bold]")
+        times.append(max(deliver(dataset, files) for dataset, files in pairs))
+    return times[0], max(times)
+
+
+def _all_loaded(datasets_files: list[tuple[Dataset, list[Path]]]) -> bool:
+    for dataset, files in datasets_files:
+        hashes = [SourceFile.detect(f).sha256() for f in files]
+        dataset.table.refresh()
+        if set(hashes) - set(dataset.table.loaded_files(hashes)):
+            return False
+    return True
+
+
+def run_demo(home: Path | None = None, stream: bool = True) -> None:
+    """The main job. `stream`: deliver the feed through Kafka and the streaming job (a local broker and
+    a Flink mini-cluster, started here and stopped at the end); otherwise as batch loads."""
     lake = Lake(home)
     console.print(f"[bold]chronolake demo[/bold]: lake at {lake.settings.home}")
     levels = _ensure(lake, "index_levels", ["index_id"], {"level": "decimal(18,2)", "currency": "string"})
     coupons = _ensure(lake, "bond_coupons", ["isin"], {"coupon_rate": "decimal(9,6)", "payment_date": "date"})
     initial, corrections, restatement = _write_inputs(lake.settings.home / "demo-input")
-
-    console.print("\n[bold]1. End-of-day files for Q1 2024[/bold]")
-    reported_at = max(_load(levels, initial[:1]), _load(coupons, initial[1:]))
-    console.print("\n[bold]2. Late corrections[/bold]")
-    _load(levels, corrections)
-    console.print("\n[bold]3. Retroactive restatement[/bold]")
-    _load(levels, restatement[:1])
-    _load(coupons, restatement[1:])
+    waves = [
+        ("1. End-of-day files for Q1 2024", [(levels, initial[:1]), (coupons, initial[1:])]),
+        ("2. Late corrections", [(levels, corrections)]),
+        ("3. Retroactive restatement", [(levels, restatement[:1]), (coupons, restatement[1:])]),
+    ]
+    if not stream:
+        reported_at, _ = _deliver(waves, _load)
+    elif _all_loaded([pair for _, wave in waves for pair in wave]):
+        console.print("every demo file is already in the lake (the file ledger): not starting the streaming job")
+        reported_at, _ = _deliver(waves, _already_loaded)
+    else:
+        options = StreamOptions(
+            home=lake.settings.home,
+            datasets=(levels.name, coupons.name),
+            topic="chronolake-demo",
+            checkpoint_interval_ms=1000,
+            idle_partition_ms=1000,
+        )
+        with StreamService(options) as service:
+            console.print(
+                f"streaming job started on a local Flink mini-cluster, reading topic {options.topic!r} from a local "
+                f"Kafka broker at {service.bootstrap_servers} (job log: {service.log})"
+            )
+            reported_at, latest = _deliver(waves, _Published(service))
+            for dataset in (levels, coupons):
+                service.wait_until_stable(dataset.name, latest)
+            console.print("\nstopping the job and the broker (the tables keep everything)")
 
     console.print(f"\n[bold]What the {REPORT_DAY} report showed (known at {format_micros(reported_at)}) vs what is known now[/bold]")
     table = Table("index", "level as reported", "level now", "", "version now valid from", "recorded at")

@@ -272,7 +272,7 @@ class Dataset:
         # A file's records count once its load committed (its ledger row at the same system time);
         # a stream's records (no file hash) are committed with the checkpoint that wrote them.
         from_files = pc.is_valid(rows["source_sha256"])
-        ledger = self.table.ledger().rename_columns(["source_sha256", "system_time"])
+        ledger = self.table.ledger().select(["sha256", "loaded_at"]).rename_columns(["source_sha256", "system_time"])
         committed = rows.filter(from_files).join(ledger, keys=["source_sha256", "system_time"], join_type="left semi")
         visible = pa.concat_tables([rows.filter(pc.invert(from_files)), committed.select(rows.column_names)])
         return visible.sort_by([("system_time", "ascending"), ("source", "ascending"), ("line", "ascending")])

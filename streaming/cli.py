@@ -22,7 +22,7 @@ err = Console(stderr=True)
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def user_errors() -> Iterator[None]:
     """Service failures a user can cause or fix (no broker, missing topic, job env) as one line."""
     from kafka.errors import KafkaError
 
@@ -76,7 +76,7 @@ def stream(
     )
     service = StreamService(options)
     stop = _stop_on_signals()
-    with _user_errors():
+    with user_errors():
         try:
             if bootstrap_servers is None:
                 err.print("starting a local Kafka broker ...")
@@ -146,6 +146,24 @@ def _owner_stream(dataset: Any, bootstrap_servers: str | None, topic: str | None
     return (bootstrap_servers or owner.address), (topic or owner.stream)
 
 
+def wait_for_ledger(dataset: Any, results: Sequence[Any], wait_s: float) -> dict[str, int]:
+    """Wait until the job committed every ledger row of the published files (`feed.PublishedFile`);
+    returns {sha256: system time the file is complete at} for those that are."""
+    from chronolake.iceberg.rows import python_columns
+
+    expected = {r.sha256: r.ledger_entries for r in results if r.status == "published"}
+    complete: dict[str, int] = {}
+    deadline = time.monotonic() + wait_s
+    while set(expected) - set(complete) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        dataset.table.refresh()
+        if dataset.table.table.current_snapshot() is None:
+            continue
+        rows = zip(*python_columns(dataset.table.ledger(expected), ["sha256", "loaded_at", "entries"]))
+        complete = {sha256: at for sha256, at, entries in rows if entries >= expected[sha256]}
+    return complete
+
+
 def publish_files(
     name: str,
     files: Sequence[Path],
@@ -168,19 +186,13 @@ def publish_files(
     mapping = ColumnMapping(valid_from=valid_from_column or "valid_from", valid_to=valid_to_column or "valid_to")
     started = time.monotonic()
     try:
-        with _user_errors(), KafkaPublisher(servers, stream_topic) as publisher:
+        with user_errors(), KafkaPublisher(servers, stream_topic) as publisher:
             results = publish(dataset.spec, files, publisher, dataset.table.loaded_files, mapping)
     except ChronolakeError as error:
         raise ChronolakeError(f"publishing to {stream_topic!r} at {servers}: {error} (is `chronolake stream {name}` running?)") from None
-    published = sum(r.rows + 1 for r in results if r.status == "published")
+    published = sum(r.rows + r.ledger_entries for r in results if r.status == "published")
     elapsed = time.monotonic() - started
-    pending = {r.sha256 for r in results if r.status == "published"}
-    deadline = time.monotonic() + wait_s
-    ledger: dict[str, int] = {}
-    while pending - set(ledger) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        dataset.table.refresh()
-        ledger = dataset.table.loaded_files(pending)
+    ledger = wait_for_ledger(dataset, results, wait_s)
     if as_json:
         typer.echo(json.dumps({
             "topic": stream_topic,

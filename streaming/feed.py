@@ -12,8 +12,10 @@ A file goes through the stream the way a batch load would take it, with the same
   (`<first 16 hex digits>:<line>`), so publishing the same file again, after a crash halfway for
   instance, changes nothing: the job ignores an event id it has already applied with the same
   content.
-- After the last row, a ledger event (`{"@ledger": {"sha256": ...}}`) makes the job write the
-  file's ledger row; a file already in the ledger is not published again.
+- Once every row is acknowledged by the brokers, a ledger event (`{"@ledger": {"sha256": ...}}`)
+  goes to every partition, behind the file's rows there; the job writes a ledger row for each. The
+  file is in the table when all of them are, as of the latest of their system times (so a report
+  at that time sees the whole file). A file already in the ledger is not published again.
 - A file that cannot be read at all is refused before anything is published: it is read once in
   full (hash, then a dry pass through the reader) before the first event leaves.
 
@@ -66,6 +68,7 @@ class PublishedFile:
     rows: int
     rejected: int  # rows published as rejected (malformed); the job quarantines them
     status: str  # "published" or "already loaded"
+    ledger_entries: int = 0  # partitions that got the ledger event: the job writes one ledger row each
 
 
 class FileEvents:
@@ -122,7 +125,10 @@ class FileEvents:
                     ORIGIN_FIELD: {"file": str(self.source.path), "line": raw.line},
                 }
                 yield event_key(self.spec.name, None), encode(rejected)
-        yield event_key(self.spec.name, "@ledger"), encode(
+
+    def ledger_event(self) -> bytes:
+        """Sent to every partition after the file's rows are all acknowledged (`KafkaPublisher.broadcast`)."""
+        return encode(
             {DATASET_FIELD: self.spec.name, LEDGER_FIELD: {"sha256": self.sha256, "file": str(self.source.path), "rows": self.rows}}
         )
 
@@ -154,6 +160,15 @@ class KafkaPublisher:
                 self._settle(futures)
         self._settle(futures)
         return count
+
+    def broadcast(self, value: bytes) -> int:
+        """Send one event to every partition of the topic (after everything sent before it is
+        acknowledged); returns how many partitions got it."""
+        self.producer.flush()
+        partitions = sorted(self.producer.partitions_for(self.topic))
+        futures = [self.producer.send(self.topic, value=value, partition=p) for p in partitions]
+        self._settle(futures)
+        return len(partitions)
 
     def _settle(self, futures: list[Any]) -> None:
         self.producer.flush()
@@ -198,7 +213,8 @@ def publish_files(
         seen.add(file.sha256)
         base = published
         published += publisher.publish(file, None if on_event is None else lambda n, b=base: on_event(b + n))
-        results.append(PublishedFile(file.source.path, file.sha256, file.rows, file.rejected, "published"))
+        entries = publisher.broadcast(file.ledger_event())
+        results.append(PublishedFile(file.source.path, file.sha256, file.rows, file.rejected, "published", entries))
     return results
 
 

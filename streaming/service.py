@@ -77,7 +77,7 @@ class StreamOptions:
     checkpoint_interval_ms: int = 2000
     idle_partition_ms: int = 10_000
     parallelism: int = 1
-    restart_attempts: int = 3
+    restart_attempts: int = 100  # restarts from the last checkpoint (exactly once) before giving up
     group_id: str = "chronolake-stream"
 
     @property

@@ -11,12 +11,18 @@ from chronolake.demo import REPORT_DAY, run_demo
 from chronolake.lake import Lake
 
 
-def test_demo_reports_corrections_and_is_idempotent(lake_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_demo(lake_home)
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "batch"])
+def test_demo_reports_corrections_and_is_idempotent(lake_home: Path, capsys: pytest.CaptureFixture[str], stream: bool) -> None:
+    """Streamed (the README's main command: a real local broker and the Flink job), and as batch loads."""
+    run_demo(lake_home, stream=stream)
     first = capsys.readouterr().out
     levels = Lake(lake_home).dataset("index_levels")
     stable = levels.stable_system_time()
-    run_demo(lake_home)
+    if stream:
+        assert "streaming job started" in first and "stopping the job" in first
+        assert levels.stream_owner() is not None, "the job claimed its datasets"
+        assert first.count("committed by the job") == 5
+    run_demo(lake_home, stream=stream)
     second = capsys.readouterr().out
     assert levels.stable_system_time() == stable, "a re-run must not commit anything"
     assert second.count("already loaded") == 5 + 1  # five market-data files and the GDP vintages
