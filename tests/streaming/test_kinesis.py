@@ -57,6 +57,9 @@ from tests.streaming.test_bitemporal_job import (
     wait_until,
 )
 
+# Every test here talks to the emulator, a real local process.
+pytestmark = pytest.mark.integration
+
 SHARDS = 2
 READ_TIMEOUT_S = 60.0
 
@@ -185,7 +188,6 @@ def test_a_missing_stream_is_refused(kinesis: LocalKinesis) -> None:
         kinesis_source("no-such-stream", kinesis.region, kinesis.endpoint)
 
 
-@pytest.mark.integration
 def test_kinesis_stream_matches_reference_model_and_quarantines_bad_events(
     kinesis: LocalKinesis, job_runtime: JobRuntime, tmp_path: Path
 ) -> None:
