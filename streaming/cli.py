@@ -147,8 +147,9 @@ def _owner_stream(dataset: Any, bootstrap_servers: str | None, topic: str | None
 
 
 def wait_for_ledger(dataset: Any, results: Sequence[Any], wait_s: float) -> dict[str, int]:
-    """Wait until the job committed every ledger row of the published files (`feed.PublishedFile`);
-    returns {sha256: system time the file is complete at} for those that are."""
+    """Wait until the job committed every ledger row of the published files (`feed.PublishedFile`)
+    and the stable system time covers them; returns {sha256: system time the file is complete at}
+    for those that are."""
     from chronolake.iceberg.rows import python_columns
 
     expected = {r.sha256: r.ledger_entries for r in results if r.status == "published"}
@@ -161,6 +162,12 @@ def wait_for_ledger(dataset: Any, results: Sequence[Any], wait_s: float) -> dict
             continue
         rows = zip(*python_columns(dataset.table.ledger(expected), ["sha256", "loaded_at", "entries"]))
         complete = {sha256: at for sha256, at, entries in rows if entries >= expected[sha256]}
+    # Readable once the stable system time covers it (a query at that time is then allowed).
+    while complete and time.monotonic() < deadline:
+        stable = dataset.stable_system_time()
+        if stable is not None and stable >= max(complete.values()):
+            break
+        time.sleep(0.5)
     return complete
 
 

@@ -1,0 +1,91 @@
+"""`chronolake stream`, `load --via-stream` and the one-writer rule, as a user types them.
+
+A real local broker (started by `chronolake stream` itself) and the real job on a Flink mini-cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable
+
+from tests.conftest import CHRONOLAKE
+
+Run = Callable[..., Any]
+TIMEOUT_S = 300.0  # readiness waits only
+
+
+def _wait_for(path: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while text not in path.read_text():
+        assert process.poll() is None, path.read_text()
+        assert time.monotonic() < deadline, path.read_text()
+        time.sleep(0.5)
+
+
+def test_stream_claims_the_dataset_and_load_via_stream_goes_through_the_job(cli: Run, lake_home: Path, tmp_path: Path) -> None:
+    assert cli("dataset", "create", "prices", "--key", "id", "--column", "price:decimal(18,4)").returncode == 0
+    source = tmp_path / "prices.csv"
+    source.write_text(
+        "id,price,valid_from,valid_to\n"
+        "a,1.5,2024-01-01,\n"
+        "b,2.5,2024-01-01,\n"
+        "a,1.7,2024-02-01,\n"
+        "c,oops,2024-01-01,\n"  # line 5: wrong type
+        "d,1,2024-01-01,2023-01-01\n"  # line 6: empty range
+        "e,1,2\n"  # line 7: malformed row
+    )
+    output = tmp_path / "stream.out"
+    with output.open("wb") as out:
+        stream = subprocess.Popen(
+            [CHRONOLAKE, "stream", "prices", "--idle-partition-ms", "1000", "--checkpoint-interval-ms", "1000", "--every", "2"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "CHRONOLAKE_HOME": str(lake_home)},
+            start_new_session=True,
+        )
+    try:
+        _wait_for(output, "job started", stream)
+
+        refused = cli("load", "prices", str(source))
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and "written by the streaming job" in refused.stderr
+        assert "--via-stream" in refused.stderr and "Traceback" not in refused.stderr
+
+        published = cli("load", "prices", str(source), "--via-stream", "--json")
+        assert published.returncode == 0, published.stderr
+        outcome = json.loads(published.stdout)
+        [file] = outcome["files"]
+        assert (file["status"], file["rows"]) == ("published", 6)
+        assert file["committed_at"] is not None, "the job committed the file's ledger rows"
+
+        queried = cli("query", "prices", "--valid-at", "2024-03-01", "--known-at", file["committed_at"], "--format", "json")
+        assert queried.returncode == 0, queried.stderr
+        rows = {r["id"]: r["price"] for r in (json.loads(line, parse_float=Decimal) for line in queried.stdout.splitlines())}
+        assert rows == {"a": Decimal("1.7"), "b": Decimal("2.5")}
+        quarantined = cli("quarantine", "prices", "--format", "json")
+        reasons = {r["line"]: r["reason"] for r in map(json.loads, quarantined.stdout.splitlines())}
+        assert set(reasons) == {5, 6, 7}
+        assert "expected decimal(18,4)" in reasons[5] and "is not after valid_from" in reasons[6]
+        assert reasons[7].startswith("malformed CSV row")
+
+        again = cli("load", "prices", str(source), "--via-stream", "--json")
+        assert json.loads(again.stdout)["files"][0]["status"] == "already loaded"
+        _wait_for(output, "consumed", stream)
+    finally:
+        os.killpg(stream.pid, signal.SIGINT)
+        stream.wait(timeout=120)
+    log = output.read_text()
+    assert stream.returncode == 0, log
+    assert "stopped" in log and "Traceback" not in log
+
+    # The claim outlives the job (it resumes from its checkpoints) until released.
+    assert "written by the streaming job" in cli("load", "prices", str(source)).stderr
+    released = cli("stream", "prices", "--release")
+    assert released.returncode == 0 and "released" in released.stdout
+    assert cli("load", "prices", str(source), "--json").returncode == 0
