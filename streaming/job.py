@@ -48,6 +48,8 @@ from chronolake.streaming.transactions import (
     Routed,
     SinkRow,
     insert_sql,
+    quarantine_row,
+    record_text,
     stable_system_time,
     system_time,
 )
@@ -87,11 +89,16 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
         assert self.last_t is not None and self.router is not None
-        raw, partition, position, log_time_ms = value[0], int(value[1]), str(value[2]), int(value[3])
+        partition, position, log_time_ms = int(value[1]), str(value[2]), int(value[3])
         t = system_time(log_time_ms, self.last_t.value())
         self.last_t.update(t)
         source, line = record_source(self.source, partition, position)
-        routed = self.router.route(raw if raw is not None else "", source, line, t)
+        raw, undecodable = record_text(value[0])
+        routed = (
+            quarantine_row(UNROUTED_QUARANTINE, source, line, undecodable, raw, t)
+            if undecodable is not None
+            else self.router.route(raw, source, line, t)
+        )
         if isinstance(routed, Routed):
             yield Row(ASSERT, routed.dataset, routed.entity, t, partition, position, raw)
         else:

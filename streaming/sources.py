@@ -6,10 +6,13 @@ Whatever the log, the job reads four columns, in this order (`RECORDS_QUERY`):
 
 | column | Kafka | Kinesis |
 |---|---|---|
-| `payload` STRING | record value (UTF-8) | record data (UTF-8) |
+| `payload` BYTES | record value | record data |
 | `source_partition` INT | partition | the shard's number: `shardId-000000000007` -> 7 |
 | `source_position` STRING | offset (decimal text) | sequence number (up to ~56 decimal digits) |
 | `log_time_ms` BIGINT | `LogAppendTime`, the broker's clock | approximate arrival time, the service's clock |
+
+The payload stays bytes up to Python, which decodes it strictly (`transactions.record_text`): a
+STRING column would turn bytes that are not UTF-8 into U+FFFD on the way, silently changing a key.
 
 The position is text because a Kinesis sequence number does not fit a BIGINT. The shard number comes
 from the shard id itself, which the service assigns once and never reuses within a stream: it stays
@@ -69,7 +72,7 @@ class KafkaSource:
         }
         return f"""
         CREATE TEMPORARY TABLE {SOURCE_TABLE} (
-            payload STRING,
+            payload BYTES,
             source_partition INT METADATA FROM 'partition' VIRTUAL,
             kafka_offset BIGINT METADATA FROM 'offset' VIRTUAL,
             source_position AS CAST(kafka_offset AS STRING),
@@ -114,7 +117,7 @@ class KinesisSource:
             options["aws.credentials.basic.secretkey"] = credentials[1]
         return f"""
         CREATE TEMPORARY TABLE {SOURCE_TABLE} (
-            payload STRING,
+            payload BYTES,
             shard_id STRING METADATA FROM 'shard-id' VIRTUAL,
             source_position STRING METADATA FROM 'sequence-number' VIRTUAL,
             source_partition AS CAST(SUBSTRING(shard_id FROM {len(SHARD_PREFIX) + 1}) AS INT),

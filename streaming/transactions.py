@@ -128,6 +128,17 @@ class Routed:
     assertion: Assertion
 
 
+def record_text(value: bytes | None) -> tuple[str, str | None]:
+    """A record value as text, and the quarantine reason when it is not UTF-8 (the text then shows
+    each bad byte as U+FFFD). A missing value (a Kafka tombstone) is the empty text."""
+    if value is None:
+        return "", None
+    try:
+        return bytes(value).decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        return bytes(value).decode("utf-8", "replace"), f"not valid UTF-8 ({error.reason} at byte {error.start})"
+
+
 class EventRouter:
     """Decodes a record value and validates it against its dataset; bad records become quarantine rows."""
 

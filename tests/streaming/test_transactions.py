@@ -13,6 +13,7 @@ from chronolake.streaming.transactions import (
     EventRouter,
     Routed,
     SinkRow,
+    record_text,
     sql_timestamp,
     stable_system_time,
     system_time,
@@ -55,6 +56,15 @@ def test_bad_records_are_routed_to_a_quarantine_with_a_reason() -> None:
         assert text is not None and reason in text, (raw, text)
     good = router.route(event(), "kafka:t/0@8", 8, 6)
     assert isinstance(good, Routed) and good.key == ("a",)
+
+
+def test_record_values_are_decoded_strictly() -> None:
+    assert record_text(None) == ("", None)
+    assert record_text('{"k": "é"}'.encode()) == ('{"k": "é"}', None)
+    # Not UTF-8: never decoded with replacements (that would silently make another key).
+    text, problem = record_text(b'{"k": "k\xff1"}')
+    assert text == '{"k": "k\ufffd1"}'
+    assert problem is not None and problem.startswith("not valid UTF-8") and "at byte 8" in problem
 
 
 def test_one_record_writes_its_net_effect_as_twin_rows() -> None:
