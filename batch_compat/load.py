@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import tempfile
 import time
 import traceback
 from bisect import bisect_right
@@ -379,29 +380,40 @@ class _Run:
         """Apply every row (or, with ``partition=(i, n)``, the rows of the keys in share i of n) and
         write the resulting rows as (uncommitted) data files.
 
-        The valid rows stay in Arrow, in input order. Keys without stored versions whose rows carry
-        no event ids (nearly all of a fresh load) go through :func:`new_key_timeline` on plain
-        integers, and their versions' key and payload columns are taken from the input by position;
-        the other keys (stored state, event ids to check) go through :class:`KeyTransaction` with
-        Python values.
+        The valid rows stay in Arrow and are spilled to local files by key bucket (:class:`_Spill`),
+        then applied and written one bucket at a time, so memory follows the largest bucket, not the
+        load. Keys without stored versions whose rows carry no event ids (nearly all of a fresh load)
+        are applied on plain integers and their versions take key and payload columns from the input
+        by position; the other keys (stored state, event ids to check) go through
+        :class:`KeyTransaction` with Python values.
         """
-        rows = self._collect(to_load, partition)
-        versions = self._apply_rows(rows, t, to_load)
+        with tempfile.TemporaryDirectory(prefix="chronolake-load-") as directory:
+            collected = self._collect(to_load, partition, Path(directory))
+            states: dict[Key, KeyState] = {}
+            if self.latest is not None and collected.keys:
+                states = self.table.load_state(sorted(collected.keys, key=repr))
+            data_files: list[DataFile] = []
+            for rows in collected.spill.tables():
+                versions = self._apply_rows(rows, collected, states, t, to_load)
+                presorted = True
+                if len(self.builder):
+                    versions = pa.concat_tables([versions, self.builder.to_arrow()])
+                    self.builder = RowBuilder(self.table.spec)
+                    presorted = False
+                data_files += self.table.write(versions, presorted=presorted)
         for _, file_report in to_load:
             file_report.applied = file_report.rows - file_report.quarantined - file_report.duplicates
-        presorted = True
-        if len(self.builder):
-            versions = pa.concat_tables([versions, self.builder.to_arrow()])
-            self.builder = RowBuilder(self.table.spec)
-            presorted = False
-        return self.table.write(versions, presorted=presorted)
+        return data_files
 
-    def _collect(self, to_load: list[tuple[SourceFile, FileReport]], partition: tuple[int, int] | None) -> _Collected:
-        """Read and validate; quarantine bad rows; the valid rows as one Arrow table in input order."""
+    def _collect(
+        self, to_load: list[tuple[SourceFile, FileReport]], partition: tuple[int, int] | None, directory: Path
+    ) -> _Collected:
+        """Read and validate; quarantine bad rows; spill the valid rows, in input order, by key bucket."""
         spec = self.table.spec
         schema = _collected_schema(spec)
-        batches: list[pa.RecordBatch] = []
+        spill = _Spill(directory, schema, spec, _fanout(self.table, sum(s.size for s, _ in to_load)))
         texts: list[tuple[int, Callable[[int], str | None]]] = []
+        keys: set[Key] = set()
         count = 0
         for file_index, (source, file_report) in enumerate(to_load):
             advance = self.phases.phase(f"loading {source.path.name}", source.size)
@@ -422,8 +434,15 @@ class _Run:
                     if valid is None:
                         continue
                 reasons = valid.reasons
+                rows = len(lines)
                 batch = pa.RecordBatch.from_arrays(
-                    [*columns, lines, pa.nulls(len(lines), pa.int32()).fill_null(file_index)], schema=schema
+                    [
+                        *columns,
+                        lines,
+                        pa.repeat(pa.scalar(file_index, pa.int32()), rows),
+                        pa.array(range(count, count + rows), pa.int64()),
+                    ],
+                    schema=schema,
                 )
                 if reasons is not None:
                     for index, reason in enumerate(reasons):
@@ -431,18 +450,21 @@ class _Run:
                             self._reject(source, file_report, lines[index].as_py(), reason, text(index))
                     keep = pa.array([reason is None for reason in reasons], pa.bool_())
                     batch = batch.filter(keep)
-                    text = _kept(text, keep)
-                if batch.num_rows:
-                    if valid.event_ids.null_count < len(valid.event_ids):
-                        texts.append((count, text))
-                    batches.append(batch)
-                    count += batch.num_rows
-        table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
-        if self.options.period is not None and table.num_rows:
-            table = table.set_column(
-                schema.get_field_index(_VALID_TO), _VALID_TO, self._period_fill(table[_VALID_FROM], table[_VALID_TO])
-            )
-        return _Collected(table, texts)
+                if batch.num_rows == 0:
+                    continue
+                if self.options.period is not None:
+                    batch = batch.set_column(
+                        schema.get_field_index(_VALID_TO), _VALID_TO, self._period_fill(batch[_VALID_FROM], batch[_VALID_TO])
+                    )
+                if valid.event_ids.null_count < len(valid.event_ids):
+                    # Only rows with event ids can be refused by the algebra: keep their raw text at hand.
+                    texts.append((count, text))
+                if self.latest is not None:
+                    keys.update(_distinct_keys(batch, spec))
+                spill.add(batch)
+                count += rows
+        spill.close()
+        return _Collected(spill, texts, keys)
 
     def _records(
         self, records: list[RawRecord]
@@ -481,15 +503,21 @@ class _Run:
         columns = [*valid.keys, valid.deletes, valid.valid_from, valid.valid_to, *valid.payloads, valid.event_ids]
         return valid, columns, lambda i: raw_text(kept[i].record or {}), lines
 
-    def _period_fill(self, valid_from: pa.ChunkedArray, valid_to: pa.ChunkedArray) -> pa.Array:
-        encoded = valid_from.combine_chunks().dictionary_encode()
+    def _period_fill(self, valid_from: pa.Array, valid_to: pa.Array) -> pa.Array:
+        encoded = valid_from.dictionary_encode()
         ends = pa.array([self._valid_to(v, None) for v in encoded.dictionary.to_pylist()], pa.int64())
-        return pc.coalesce(valid_to.combine_chunks(), ends.take(encoded.indices))
+        return pc.coalesce(valid_to, ends.take(encoded.indices))
 
-    def _apply_rows(self, collected: _Collected, t: int, to_load: list[tuple[SourceFile, FileReport]]) -> pa.Table:
+    def _apply_rows(
+        self,
+        rows: pa.Table,
+        collected: _Collected,
+        states: dict[Key, KeyState],
+        t: int,
+        to_load: list[tuple[SourceFile, FileReport]],
+    ) -> pa.Table:
         """The versions opened for keys without stored versions or event ids, in partition and sort
         order; the other keys' rows go through the algebra into the builder (:meth:`_apply_slow`)."""
-        rows = collected.table
         spec = self.table.spec
         names = spec.key_names
         if rows.num_rows == 0:
@@ -521,11 +549,9 @@ class _Run:
         events = column(_EVENT_ID).take(order)
         if events.null_count < count:
             slow.update(pc.unique(group.filter(pc.is_valid(events))).to_pylist())
-        states: dict[Key, KeyState] = {}
-        if self.latest is not None:
+        if states:
             firsts = order.take(pa.array(starts, pa.int64()))
-            key_values = list(zip(*(python_values(column(n).take(firsts)) for n in names)))
-            states = self.table.load_state(sorted(key_values, key=repr))
+            key_values = zip(*(python_values(column(n).take(firsts)) for n in names))
             slow.update(g for g, key in enumerate(key_values) if key in states)
 
         deletes = column(_DELETE).take(order)
@@ -559,7 +585,7 @@ class _Run:
             refs += group_refs
             groups += [key_group] * len(group_refs)
         if slow:
-            self._apply_slow(collected, order, bounds, sorted(slow), states, t, to_load)
+            self._apply_slow(rows, collected, order, bounds, sorted(slow), states, t, to_load)
 
         opened = pa.table(
             {
@@ -577,6 +603,7 @@ class _Run:
 
     def _apply_slow(
         self,
+        table: pa.Table,
         collected: _Collected,
         order: pa.Array,
         bounds: list[int],
@@ -589,12 +616,12 @@ class _Run:
         spec = self.table.spec
         sorted_positions = [p for g in groups for p in range(bounds[g], bounds[g + 1])]
         positions = order.take(pa.array(sorted_positions, pa.int64()))
-        rows = collected.table.take(positions)
+        rows = table.take(positions)
         keys = list(zip(*(python_values(rows[n]) for n in spec.key_names)))
         payloads = list(zip(*(python_values(rows[n]) for n in spec.payload_names))) if spec.payload_names else [()] * rows.num_rows
         fields = zip(
             keys, rows[_DELETE].to_pylist(), rows[_VALID_FROM].to_pylist(), rows[_VALID_TO].to_pylist(), payloads,
-            rows[_EVENT_ID].to_pylist(), rows[_LINE].to_pylist(), rows[_FILE].to_pylist(), positions.to_pylist(),
+            rows[_EVENT_ID].to_pylist(), rows[_LINE].to_pylist(), rows[_FILE].to_pylist(), rows[_POSITION].to_pylist(),
         )
         transactions: dict[Key, KeyTransaction] = {}
         for key, delete, valid_from, valid_to, payload, event_id, line, file_index, position in fields:
@@ -860,6 +887,7 @@ _VALID_TO = "__valid_to"
 _EVENT_ID = "__event_id"
 _LINE = "__line"
 _FILE = "__file"
+_POSITION = "__position"
 
 
 def _collected_schema(spec: DatasetSpec) -> pa.Schema:
@@ -875,15 +903,75 @@ def _collected_schema(spec: DatasetSpec) -> pa.Schema:
             pa.field(_EVENT_ID, pa.string()),
             pa.field(_LINE, pa.int64()),
             pa.field(_FILE, pa.int32()),
+            pa.field(_POSITION, pa.int64()),
         ]
     )
 
 
+#: Input bytes per spill file: a load process holds about one spill file's rows at a time.
+SPILL_BYTES = 32 << 20
+
+
+def _fanout(table: BitemporalTable, input_bytes: int) -> int:
+    """Spill files per table bucket, so that each holds about :data:`SPILL_BYTES` of input or less."""
+    return max(1, -(-input_bytes // (table.spec.buckets * SPILL_BYTES)))
+
+
+class _Spill:
+    """The valid rows of a load in local Arrow IPC files, one per bucket of the first key column
+    (``buckets * fanout`` of them, so each lies within one table partition: Iceberg's bucket is the
+    murmur3 hash modulo the count), rows in input order within each."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, spec: DatasetSpec, fanout: int) -> None:
+        self._directory = directory
+        self._schema = schema
+        self._key = spec.key_names[0]
+        self._count = spec.buckets * fanout
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        buckets = bucket_transform.bucket(batch.column(self._key), self._count)
+        order = pc.sort_indices(buckets)  # stable: input order within a bucket
+        batch, buckets = batch.take(order), buckets.take(order)
+        runs = pc.run_end_encode(buckets)
+        start = 0
+        for end, bucket in zip(runs.run_ends.to_pylist(), runs.values.to_pylist()):
+            writer = self._writers.get(bucket)
+            if writer is None:
+                writer = self._writers[bucket] = pa.ipc.new_stream(str(self._path(bucket)), self._schema)
+            writer.write_batch(batch.slice(start, end - start))
+            start = end
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Each spill file's rows, in bucket order; a file is deleted once read."""
+        for bucket in sorted(self._writers):
+            path = self._path(bucket)
+            with pa.OSFile(str(path)) as source:
+                rows = pa.ipc.open_stream(source).read_all()
+            path.unlink()
+            yield rows
+
+    def _path(self, bucket: int) -> Path:
+        return self._directory / f"{bucket}.arrows"
+
+
+def _distinct_keys(batch: pa.RecordBatch, spec: DatasetSpec) -> set[Key]:
+    names = spec.key_names
+    distinct = pa.Table.from_batches([batch.select(names)]).group_by(names, use_threads=False).aggregate([])
+    return set(zip(*(python_values(distinct[n].combine_chunks()) for n in names)))
+
+
 class _Collected(NamedTuple):
-    table: pa.Table
+    spill: _Spill
     #: Raw text of rows with event ids (the only ones the algebra can refuse): (first position, text of
     #: the batch's n-th row) per batch, in position order.
     texts: list[tuple[int, Callable[[int], str | None]]]
+    #: The distinct keys, collected only for a load into a dataset with stored versions.
+    keys: set[Key]
 
     def text(self, position: int) -> str | None:
         index = bisect_right([start for start, _ in self.texts], position) - 1
@@ -893,12 +981,6 @@ class _Collected(NamedTuple):
 
 def _table_text(table: pa.RecordBatch) -> Callable[[int], str | None]:
     return lambda i: raw_text(table.slice(i, 1).to_pylist()[0])
-
-
-def _kept(text: Callable[[int], str | None], keep: pa.Array) -> Callable[[int], str | None]:
-    """``text`` renumbered for the rows ``keep`` selects."""
-    kept = pc.indices_nonzero(keep).to_pylist()
-    return lambda i: text(kept[i])
 
 
 def _versions(spec: DatasetSpec, columns: pa.Table, froms: pa.ChunkedArray, tos: pa.ChunkedArray, t: int) -> pa.Table:
