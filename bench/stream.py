@@ -1,0 +1,305 @@
+"""Streaming benchmark: the bitemporal job beside a pass-through job, Kafka to committed Iceberg rows.
+
+    .venv/tools/bin/python bench/stream.py                       # 200k events over 10k keys
+    .venv/tools/bin/python bench/stream.py --events 20000 --keys 1000 --freshness-seconds 10   # smoke
+
+One local KRaft broker; two topics of one partition each, filled with the same events before either
+job starts (the generated end-of-day feed of bench/generate.py as JSON assertion events: about 10%
+retroactive corrections and 1% deletes, every event with an `event_id`). Each job runs alone with
+parallelism 1 (one task slot), from the earliest offset:
+
+``passthrough``  bench/passthrough_job.py: the same source, runtime configuration and Iceberg sink,
+                 one identity Python map, plain append
+``bitemporal``   streaming/job.py: partition clock, validation, keyed timelines in RocksDB, twin
+                 rows, stable time, one table per dataset and quarantine
+
+Throughput is measured from the offsets each job commits to Kafka with its checkpoints (the same
+moment its Iceberg commit happens): events / (time the last offset was committed - time the first
+was), so job start-up is excluded and each rate is "events per second committed to Iceberg" per
+slot. The ratio of the two is the cost of the bitemporal semantics on the same engine.
+
+Freshness (bitemporal job, caught up): events are produced at ``--freshness-rate`` per second for
+``--freshness-seconds``; each one is visible to ``as_of`` at the stable system time once that time
+reaches the event's system time (its log append time). A poller reads the dataset's stable system
+time continuously; an event's freshness is the first poll that covers it minus its send time.
+Reported: p50 and p95 (the goal: within one checkpoint interval plus 5 s).
+Results go to ``--json`` and are printed as a Markdown block for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import child  # noqa: E402
+import generate  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+DATASET = "prices"
+TIMEOUT_S = 1800.0
+
+
+def events(rows: int, keys: int, seed: int) -> list[bytes]:
+    generated, _ = generate.generate(rows, keys, seed, event_ids=True)
+    out = []
+    for instrument, price, currency, valid_from, valid_to, op, event_id in generated:
+        record = {"dataset": DATASET, "instrument": instrument, "price": price, "currency": currency,
+                  "valid_from": valid_from, "event_id": event_id}
+        if valid_to:
+            record["valid_to"] = valid_to
+        if op:
+            record["op"] = op
+        out.append(json.dumps(record, separators=(",", ":")).encode())
+    return out
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=512 * 1024)
+    for value in values:
+        producer.send(topic, value=value)
+    producer.flush()
+    producer.close()
+
+
+def committed(bootstrap: str, group: str) -> int:
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets({group: None}).get(group, {})
+    except KafkaError:
+        return 0
+    finally:
+        admin.close()
+    return sum(max(o.offset, 0) for o in offsets.values())
+
+
+def rss_mib(pgid: int) -> float:
+    """Resident memory of a process group (the job script and its JVM), MiB."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ProcessLookupError):
+            continue
+    return total / 1024
+
+
+def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int, log: Path) -> dict[str, Any]:
+    """Poll committed offsets until all `total` events are committed."""
+    started = time.monotonic()
+    first: tuple[float, int] | None = None
+    peak = 0.0
+    while True:
+        if job.poll() is not None:
+            raise SystemExit(f"job exited with {job.returncode}; see {log}")
+        done = committed(bootstrap, group)
+        now = time.monotonic()
+        peak = max(peak, rss_mib(job.pid))
+        if first is None and done > 0:
+            first = (now, done)
+        if done >= total:
+            break
+        if now - started > TIMEOUT_S:
+            raise SystemExit(f"not done after {TIMEOUT_S}s ({done}/{total}); see {log}")
+        time.sleep(0.25)
+    assert first is not None
+    seconds = now - first[0]
+    counted = total - first[1]
+    return {
+        "events": total,
+        "first_commit_s": round(first[0] - started, 1),
+        "seconds": round(seconds, 2),
+        "events_per_s": round(counted / seconds) if seconds > 0 else None,
+        "peak_rss_mib": round(peak),
+    }
+
+
+def stop(job: subprocess.Popen[bytes]) -> None:
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def freshness(bootstrap: str, topic: str, home: Path, rate: int, seconds: float, keys: int) -> dict[str, Any]:
+    from kafka import KafkaProducer
+
+    from chronolake.lake import Lake
+
+    dataset = Lake(home).dataset(DATASET)
+    polls: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            stable = dataset.stable_system_time()
+            polls.append((time.time(), stable or 0))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    sent: list[tuple[float, Any]] = []
+    start = time.time()
+    for n in range(int(rate * seconds)):
+        due = start + n / rate
+        if (lag := due - time.time()) > 0:
+            time.sleep(lag)
+        record = {"dataset": DATASET, "instrument": generate.instrument(n % keys), "price": f"{100 + n % 97}.5",
+                  "currency": "USD", "valid_from": "2025-01-01", "event_id": f"fresh-{n}"}
+        sent.append((time.time(), producer.send(topic, value=json.dumps(record).encode())))
+    producer.flush()
+    stamped = [(at, future.get(timeout=60).timestamp * 1000) for at, future in sent]  # log append time, us
+    deadline = time.time() + 120
+    while time.time() < deadline and (not polls or polls[-1][1] < max(t for _, t in stamped)):
+        time.sleep(0.2)
+    done.set()
+    poller.join()
+    latencies = []
+    for at, t in stamped:
+        seen = next((when for when, stable in polls if stable >= t and when >= at), None)
+        if seen is not None:
+            latencies.append(seen - at)
+    latencies.sort()
+    return {
+        "events": len(stamped),
+        "visible": len(latencies),
+        "p50_s": round(statistics.median(latencies), 2) if latencies else None,
+        "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 2) if latencies else None,
+        "stable_time_reads": len(polls),
+        "mean_read_s": round((polls[-1][0] - polls[0][0]) / max(len(polls) - 1, 1), 3) if polls else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)
+    parser.add_argument("--freshness-rate", type=int, default=500, help="events/s while measuring freshness")
+    parser.add_argument("--freshness-seconds", type=float, default=30.0)
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+
+    from chronolake.lake import Lake
+    from chronolake.streaming.broker import BrokerSettings, LocalKafkaBroker
+    from chronolake.streaming.runtime import JobRuntime, StreamJobSettings, launch_stream_job
+    from chronolake.streaming.service import ensure_topic
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    work = child.OUT / f"stream-{stamp}"
+    home = work / "lake"
+    runtime = JobRuntime()
+    values = events(args.events, args.keys, args.seed)
+    results: dict[str, Any] = {"events": len(values), "keys": args.keys, "checkpoint_interval_ms": args.checkpoint_interval_ms}
+    with LocalKafkaBroker(BrokerSettings(data_dir=work / "kafka")) as broker:
+        bootstrap = broker.bootstrap_servers
+        for topic in ("bench-passthrough", "bench-bitemporal"):
+            ensure_topic(bootstrap, topic, 1)
+            produce(bootstrap, topic, values)
+        print(f"produced {len(values):,} events to each topic", flush=True)
+
+        lake = Lake(home)
+        lake.create_dataset(DATASET, key=["instrument"], columns={"price": "decimal(18,6)", "currency": "string"})
+        import pyarrow as pa
+
+        lake.catalog.create_table(
+            (lake.settings.namespace, "passthrough"),
+            schema=pa.schema([("payload", pa.string()), ("source_partition", pa.int32()),
+                              ("source_position", pa.string()), ("log_time_ms", pa.int64())]),
+        )
+        plan = work / "passthrough-plan.json"
+        plan.write_text(json.dumps({"home": str(lake.settings.home), "namespace": lake.settings.namespace}))
+        log = work / "passthrough.log"
+        with log.open("ab") as out:
+            job = subprocess.Popen(
+                runtime.command(BENCH / "passthrough_job.py", "--plan", str(plan), "--table", "passthrough",
+                                "--bootstrap-servers", bootstrap, "--topic", "bench-passthrough",
+                                "--checkpoint-dir", str(work / "passthrough-checkpoints"),
+                                "--checkpoint-interval-ms", str(args.checkpoint_interval_ms)),
+                env=runtime.environment(log_dir=work / "passthrough-flink-log"), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            results["passthrough"] = measure(job, bootstrap, "chronolake-passthrough", len(values), log)
+        finally:
+            stop(job)
+        print("passthrough", results["passthrough"], flush=True)
+
+        settings = StreamJobSettings(
+            home=home, datasets=[DATASET], work_dir=work / "bitemporal", bootstrap_servers=bootstrap,
+            topic="bench-bitemporal", group_id="chronolake-bitemporal",
+            checkpoint_interval_ms=args.checkpoint_interval_ms, idle_partition_ms=2000, restart_attempts=20,
+        )
+        log = work / "bitemporal.log"
+        job = launch_stream_job(settings, log, runtime)
+        try:
+            results["bitemporal"] = measure(job, bootstrap, "chronolake-bitemporal", len(values), log)
+            print("bitemporal", results["bitemporal"], flush=True)
+            results["freshness"] = freshness(bootstrap, "bench-bitemporal", home, args.freshness_rate,
+                                             args.freshness_seconds, args.keys)
+            print("freshness", results["freshness"], flush=True)
+            results["restarts"] = log.read_text().count("Job execution failed") + sum(
+                p.read_text(errors="replace").count("Recovery is suppressed") for p in (work / "bitemporal" / "flink-log").glob("*.log")
+            )
+        finally:
+            stop(job)
+    passthrough, bitemporal = results["passthrough"]["events_per_s"], results["bitemporal"]["events_per_s"]
+    results["ratio"] = round(bitemporal / passthrough, 3) if passthrough and bitemporal else None
+    results["machine"] = {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "load_average": os.getloadavg(), "code": child.code_version(),
+    }
+    text = render(results)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def render(r: dict[str, Any]) -> str:
+    p, b, f = r["passthrough"], r["bitemporal"], r["freshness"]
+    return "\n".join([
+        f"Streaming, {r['events']:,} events over {r['keys']:,} keys, 1 partition, parallelism 1, "
+        f"checkpoint every {r['checkpoint_interval_ms']} ms; {r['machine']['cpus']} cores, load average "
+        f"{', '.join(f'{x:.2f}' for x in r['machine']['load_average'])}; {r['machine']['code']}",
+        "",
+        "| job | events/s per slot | first commit after | peak RSS (job + JVM) |",
+        "|---|---:|---:|---:|",
+        f"| pass-through (identity map, append) | {p['events_per_s']:,} | {p['first_commit_s']} s | {p['peak_rss_mib']} MiB |",
+        f"| bitemporal | {b['events_per_s']:,} | {b['first_commit_s']} s | {b['peak_rss_mib']} MiB |",
+        "",
+        f"Ratio bitemporal / pass-through: {r['ratio']}. Freshness at {f['events']} events "
+        f"({f['visible']} seen): p50 {f['p50_s']} s, p95 {f['p95_s']} s "
+        f"(stable-time read every {f['mean_read_s']} s).",
+    ])
+
+
+if __name__ == "__main__":
+    main()
