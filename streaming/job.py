@@ -9,12 +9,16 @@ Pipeline (operator uids in brackets; they must never change, or restored state m
 
     Kafka or Kinesis table source (value, partition, position, log time; see sources.py)
     -> key by partition -> [partition-clock] t = max(log time, previous t + 1 us), then validate:
-         bad records -> quarantine rows
+         bad records -> quarantine rows (side output of their table)
          good ones   -> key by (dataset, key) -> [entity-timeline] one KeyTransaction at t on the
-                        key's KeyState (RocksDB) -> twin rows (open, closed, event markers)
-    -> (partition, t) -> key by nothing -> [stable-time] min over partitions of their high-water
-         mark, published every --stable-interval-ms as a control row per dataset
-    -> per table: [sink-<table>] -> Flink SQL INSERT INTO the Iceberg table (insert-only)
+                        key's KeyState (RocksDB) -> twin rows, event markers (side outputs)
+         every TICK_MS per partition, on a timer: (partition, t) -> key by nothing -> [stable-time]
+                        min over partitions of their high-water mark, published every
+                        --stable-interval-ms as a control row per dataset (side outputs)
+    -> per table: the union of its side outputs -> Flink SQL INSERT INTO the Iceberg table
+
+Every Python operator sends a row straight to its table's typed side output, so a record crosses
+the Python boundary in two operators (and their key selectors), whatever the number of tables.
 
 Each checkpoint is one Iceberg commit per table. A control row leaves the stable-time operator only
 after the records it covers have left the partition clock, so it is committed with them or later:
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pyflink.common import Configuration, Row, Types
-from pyflink.datastream import DataStream, KeyedProcessFunction, RuntimeContext, StreamExecutionEnvironment
+from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext, StreamExecutionEnvironment
 from pyflink.datastream.state import ValueState, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
@@ -56,38 +60,55 @@ from chronolake.streaming.transactions import (
 
 CATALOG = "chronolake"
 MAX_PARALLELISM = 128
-ASSERT = "assert"
-SINK = "sink"
 
 # Between the Python operators rows travel positionally (thread mode drops field names).
 CLOCKED = Types.ROW(
-    [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.INT(), Types.STRING(), Types.STRING()]
-)  # kind, target (dataset or table), entity key text, t, partition, position (offset or sequence number), body
-ROWS = Types.ROW([Types.STRING(), Types.STRING()])  # target table, JSON list of the row's text values
+    [Types.STRING(), Types.STRING(), Types.LONG(), Types.INT(), Types.STRING(), Types.STRING()]
+)  # dataset, entity key text, t, partition, position (offset or sequence number), body
 TICK = Types.ROW([Types.INT(), Types.LONG()])  # partition, t
+TICK_TAG = OutputTag("ticks", TICK)
+#: A partition's high-water mark goes to the stable-time operator at most this often (and always
+#: after the records it covers), not once per record.
+TICK_MS = 200
 
 
-def _sink_row(row: SinkRow) -> Row:
-    return Row(row.target, json.dumps(row.values))
+def table_tags(specs: dict[str, str]) -> dict[str, OutputTag]:
+    """One side output per Iceberg table, typed as the table's columns (all text: `insert_sql` casts).
+    Every operator sends each row straight to its table's side output: no routing stage after it."""
+    tables: dict[str, Sequence[Column]] = {}
+    for name, text in sorted(specs.items()):
+        tables[name] = DatasetSpec.from_json(name, text).table_columns()
+        tables[name + QUARANTINE_SUFFIX] = QUARANTINE_COLUMNS
+    tables[UNROUTED_QUARANTINE] = QUARANTINE_COLUMNS
+    return {
+        table: OutputTag(f"table-{table}", Types.ROW_NAMED([c.name for c in columns], [Types.STRING()] * len(columns)))
+        for table, columns in tables.items()
+    }
+
+
+def _tagged(tags: dict[str, OutputTag], row: SinkRow) -> tuple[OutputTag, Row]:
+    return tags[row.target], Row(*row.values)
 
 
 class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
     """Keyed by source partition: assigns each record its system time in partition order, then
     validates it. The last t lives in keyed state, so a replay from a checkpoint assigns the same t."""
 
-    def __init__(self, specs: dict[str, str], source: str, max_event_bytes: int) -> None:
+    def __init__(self, specs: dict[str, str], source: str, max_event_bytes: int, tags: dict[str, OutputTag]) -> None:
         self.specs = specs
         self.source = source
         self.max_event_bytes = max_event_bytes
+        self.tags = tags
         self.last_t: ValueState | None = None
         self.router: EventRouter | None = None
+        self.tick_due: dict[int, int] = {}  # partition -> the tick timer already registered
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self.last_t = runtime_context.get_state(ValueStateDescriptor("last_system_time_us", Types.LONG()))
         specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
         self.router = EventRouter(specs, self.max_event_bytes)
 
-    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         assert self.last_t is not None and self.router is not None
         partition, position, log_time_ms = int(value[1]), str(value[2]), int(value[3])
         t = system_time(log_time_ms, self.last_t.value())
@@ -100,9 +121,21 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
             else self.router.route(raw, source, line, t)
         )
         if isinstance(routed, Routed):
-            yield Row(ASSERT, routed.dataset, routed.entity, t, partition, position, raw)
+            yield Row(routed.dataset, routed.entity, t, partition, position, raw)
         else:
-            yield Row(SINK, routed.target, None, t, partition, position, json.dumps(routed.values))
+            yield _tagged(self.tags, routed)
+        # The partition's mark goes out on a timer at the next TICK_MS boundary: after this record,
+        # at most once per boundary (Flink keeps one timer per key and time; restored with the state).
+        due = (ctx.timer_service().current_processing_time() // TICK_MS + 1) * TICK_MS
+        if self.tick_due.get(partition) != due:
+            ctx.timer_service().register_processing_time_timer(due)
+            self.tick_due[partition] = due
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterable[Any]:
+        assert self.last_t is not None
+        t = self.last_t.value()
+        if t is not None:
+            yield TICK_TAG, Row(int(ctx.get_current_key()), t)
 
 
 class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
@@ -111,10 +144,11 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
     A key the state does not know starts from the table's state at launch (the bootstrap file).
     """
 
-    def __init__(self, specs: dict[str, str], source: str, bootstrap: str) -> None:
+    def __init__(self, specs: dict[str, str], source: str, bootstrap: str, tags: dict[str, OutputTag]) -> None:
         self.specs = specs
         self.source = source
         self.bootstrap_path = bootstrap
+        self.tags = tags
         self.state: ValueState | None = None
         self.timelines: dict[str, EntityTimeline] = {}
         self.bootstrap: dict[str, dict[Any, KeyState]] = {}
@@ -127,9 +161,9 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         }
         self.bootstrap = pickle.loads(Path(self.bootstrap_path).read_bytes()) if self.bootstrap_path else {}
 
-    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Row]:
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         assert self.state is not None
-        _, dataset, _, t, partition, position, raw = value
+        dataset, _, t, partition, position, raw = value
         timeline = self.timelines[dataset]
         stored = self.state.value()
         if stored is not None:
@@ -141,7 +175,7 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         rows = timeline.apply(state, raw, source, line, t)
         self.state.update(base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
         for row in rows:
-            yield _sink_row(row)
+            yield _tagged(self.tags, row)
 
 
 class StableTime(KeyedProcessFunction):  # type: ignore[misc]
@@ -149,8 +183,9 @@ class StableTime(KeyedProcessFunction):  # type: ignore[misc]
     and when it was last seen; every interval, when the stable system time (`stable_system_time`)
     has advanced, a control row per dataset publishes it."""
 
-    def __init__(self, specs: dict[str, str], partitions: int, interval_ms: int, idle_ms: int) -> None:
+    def __init__(self, specs: dict[str, str], partitions: int, interval_ms: int, idle_ms: int, tags: dict[str, OutputTag]) -> None:
         self.specs = specs
+        self.tags = tags
         self.partitions = partitions
         self.interval_ms = interval_ms
         self.idle_ms = idle_ms
@@ -182,7 +217,7 @@ class StableTime(KeyedProcessFunction):  # type: ignore[misc]
         self.progress.update(json.dumps(progress))
         return iter(())
 
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterable[Row]:
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterable[Any]:
         assert self.progress is not None
         progress = self._load()
         progress["timer"] = False
@@ -192,7 +227,7 @@ class StableTime(KeyedProcessFunction):  # type: ignore[misc]
         if stable is not None and (progress["published"] is None or stable > progress["published"]):
             progress["published"] = stable
             for timeline in self.timelines:
-                yield _sink_row(timeline.control(stable))
+                yield _tagged(self.tags, timeline.control(stable))
         if marks and progress["published"] != max(marks.values()):
             # Not everything is published yet: idleness may still release it without new records.
             self._schedule(progress, ctx)
@@ -225,19 +260,6 @@ def build_configuration(args: argparse.Namespace) -> Configuration:
     return config
 
 
-def _to_table(t_env: StreamTableEnvironment, rows: DataStream, table: str, names: list[str], view: str) -> str:
-    typed = (
-        rows.filter(lambda r, target=table: r[0] == target)
-        .uid(f"sink-{table}-filter")
-        .name(f"sink-{table}-filter")
-        .map(lambda r: Row(*json.loads(r[1])), output_type=Types.ROW_NAMED(names, [Types.STRING()] * len(names)))
-        .uid(f"sink-{table}")
-        .name(f"sink-{table}")
-    )
-    t_env.create_temporary_view(view, t_env.from_data_stream(typed))
-    return view
-
-
 def run(args: argparse.Namespace) -> None:
     plan = json.loads(Path(args.plan).read_text())
     specs: dict[str, str] = plan["datasets"]
@@ -256,41 +278,35 @@ def run(args: argparse.Namespace) -> None:
     )
     t_env.execute_sql(source.ddl())
     records = t_env.to_data_stream(t_env.sql_query(RECORDS_QUERY))
+    tags = table_tags(specs)
     clocked = (
         records.key_by(lambda r: r[1], key_type=Types.INT())
-        .process(PartitionClock(specs, source.name, args.max_event_bytes), output_type=CLOCKED)
+        .process(PartitionClock(specs, source.name, args.max_event_bytes, tags), output_type=CLOCKED)
         .uid("partition-clock")
         .name("partition-clock")
     )
-    rejected = (
-        clocked.filter(lambda r: r[0] == SINK).uid("rejected").name("rejected")
-        .map(lambda r: Row(r[1], r[6]), output_type=ROWS).uid("rejected-rows").name("rejected-rows")
-    )
     versions = (
-        clocked.filter(lambda r: r[0] == ASSERT).uid("assertions").name("assertions")
-        .key_by(lambda r: f"{r[1]}\x00{r[2]}", key_type=Types.STRING())
-        .process(KeyTimeline(specs, source.name, args.bootstrap), output_type=ROWS)
+        clocked.key_by(lambda r: f"{r[0]}\x00{r[1]}", key_type=Types.STRING())
+        .process(KeyTimeline(specs, source.name, args.bootstrap, tags), output_type=Types.INT())
         .uid("entity-timeline")
         .name("entity-timeline")
     )
+    stable = StableTime(specs, int(plan["partitions"]), args.stable_interval_ms, args.idle_partition_ms, tags)
     controls = (
-        clocked.map(lambda r: Row(r[4], r[3]), output_type=TICK).uid("ticks").name("ticks")
+        clocked.get_side_output(TICK_TAG)
         .key_by(lambda r: 0, key_type=Types.INT())
-        .process(StableTime(specs, int(plan["partitions"]), args.stable_interval_ms, args.idle_partition_ms), output_type=ROWS)
+        .process(stable, output_type=Types.INT())
         .uid("stable-time")
         .name("stable-time")
     )
-    rows = versions.union(rejected, controls)
 
     statements = t_env.create_statement_set()
-    tables: list[tuple[str, Sequence[Column]]] = []
-    for name, text in sorted(specs.items()):
-        tables.append((name, DatasetSpec.from_json(name, text).table_columns()))
-        tables.append((name + QUARANTINE_SUFFIX, QUARANTINE_COLUMNS))
-    tables.append((UNROUTED_QUARANTINE, QUARANTINE_COLUMNS))
-    for index, (table, columns) in enumerate(tables):
-        view = _to_table(t_env, rows, table, [c.name for c in columns], f"rows_{index}")
-        statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, columns))
+    columns = {name: DatasetSpec.from_json(name, text).table_columns() for name, text in specs.items()}
+    for index, (table, tag) in enumerate(sorted(tags.items())):
+        rows = clocked.get_side_output(tag).union(versions.get_side_output(tag), controls.get_side_output(tag))
+        view = f"rows_{index}"
+        t_env.create_temporary_view(view, t_env.from_data_stream(rows))
+        statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, columns.get(table, QUARANTINE_COLUMNS)))
     statements.execute().wait()
 
 
