@@ -909,7 +909,7 @@ def _collected_schema(spec: DatasetSpec) -> pa.Schema:
 
 
 #: Input bytes per spill file: a load process holds about one spill file's rows at a time.
-SPILL_BYTES = 32 << 20
+SPILL_BYTES = 8 << 20
 
 
 def _fanout(table: BitemporalTable, input_bytes: int) -> int:

@@ -48,7 +48,7 @@ COLUMNS = {"price": "decimal(18,6)", "currency": "string"}
 # -- the cases (run in the child process) ---------------------------------------------------------
 
 
-def case_chronolake(paths: list[Path], home: Path, profile: Path | None) -> dict[str, Any]:
+def case_chronolake(paths: list[Path], home: Path, profile: Path | None, processes: int | None) -> dict[str, Any]:
     from chronolake.lake import Lake
 
     lake = Lake(home)
@@ -63,7 +63,7 @@ def case_chronolake(paths: list[Path], home: Path, profile: Path | None) -> dict
         profiler.enable()
     started = time.perf_counter()
     for path in paths:
-        reports.append(dataset.load([path]))
+        reports.append(dataset.load([path], processes=processes))
     seconds = time.perf_counter() - started
     if profiler is not None:
         profiler.disable()
@@ -204,7 +204,7 @@ def run_case(args: argparse.Namespace) -> None:
     try:
         paths = [Path(p) for p in args.file]
         if args.case in ("chronolake", "chronolake-daily"):
-            result = case_chronolake(paths, home, args.profile)
+            result = case_chronolake(paths, home, args.profile, args.processes)
         elif args.case == "append":
             result = case_append(paths[0], home, args.partitioned)
         else:
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--upsert-composite-batch", type=int, default=5_000)
     parser.add_argument("--partitioned", action="store_true", help="baseline tables bucket(16) on instrument, like chronolake's")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the chronolake case here")
+    parser.add_argument("--processes", type=int, help="processes per chronolake load (default: the load's own choice)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--commit", help="benchmark this commit (git archive) instead of the working tree")
     parser.add_argument("--work", type=Path, default=child.OUT, help="where the cases' lakes live (deleted after)")
@@ -278,6 +279,8 @@ def main() -> None:
             arguments.append("--partitioned")
         if case == "chronolake" and args.profile:
             arguments += ["--profile", str(args.profile)]
+        if case.startswith("chronolake") and args.processes:
+            arguments += ["--processes", str(args.processes)]
         if case == "upsert":
             arguments += ["--limit", str(args.upsert_rows), "--batch", str(args.upsert_batch)]
         if case == "upsert-composite":
@@ -288,6 +291,8 @@ def main() -> None:
         result["note"] = NOTES[case].format(
             batch=args.upsert_batch, composite=args.upsert_composite_rows, composite_batch=args.upsert_composite_batch
         )
+        if case.startswith("chronolake") and args.processes:
+            result["note"] += f", --processes {args.processes}"
         results.append(result)
         print(f"  {result['rows']:,} rows in {result['seconds']:.2f} s = {result['rows_per_second']:,.0f} rows/s, "
               f"peak RSS {result['peak_rss_mb']:,.0f} MiB", flush=True)
