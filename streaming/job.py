@@ -28,7 +28,6 @@ a reader that sees stable time s sees every transaction with t <= s.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import pickle
 import sys
@@ -51,6 +50,7 @@ from chronolake.streaming.transactions import (
     EventRouter,
     Routed,
     SinkRow,
+    StateCodec,
     insert_sql,
     quarantine_row,
     record_text,
@@ -151,29 +151,31 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.tags = tags
         self.state: ValueState | None = None
         self.timelines: dict[str, EntityTimeline] = {}
+        self.codecs: dict[str, StateCodec] = {}
         self.bootstrap: dict[str, dict[Any, KeyState]] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        # Text (base64 of a pickle): thread mode fails to convert an empty BYTES state to Python.
+        # Text (`StateCodec`): thread mode fails to convert an empty BYTES state to Python.
         self.state = runtime_context.get_state(ValueStateDescriptor("key_state", Types.STRING()))
-        self.timelines = {
-            name: EntityTimeline(DatasetSpec.from_json(name, text)) for name, text in self.specs.items()
-        }
+        specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
+        self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
+        self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
         self.bootstrap = pickle.loads(Path(self.bootstrap_path).read_bytes()) if self.bootstrap_path else {}
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         assert self.state is not None
         dataset, _, t, partition, position, raw = value
         timeline = self.timelines[dataset]
+        codec = self.codecs[dataset]
         stored = self.state.value()
         if stored is not None:
-            state: KeyState = pickle.loads(base64.b64decode(stored))
+            state: KeyState = codec.decode(stored)
         else:
             key = timeline.parser.parse(json.loads(raw)).key
             state = self.bootstrap.get(dataset, {}).get(key) or KeyState()
         source, line = record_source(self.source, partition, position)
         rows = timeline.apply(state, raw, source, line, t)
-        self.state.update(base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii"))
+        self.state.update(codec.encode(state))
         for row in rows:
             yield _tagged(self.tags, row)
 
