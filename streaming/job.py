@@ -54,6 +54,7 @@ from chronolake.streaming.transactions import (
     insert_sql,
     quarantine_row,
     record_text,
+    remember_event_ids,
     stable_system_time,
     system_time,
 )
@@ -144,8 +145,9 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
     A key the state does not know starts from the table's state at launch (the bootstrap file).
     """
 
-    def __init__(self, specs: dict[str, str], source: str, bootstrap: str, tags: dict[str, OutputTag]) -> None:
+    def __init__(self, specs: dict[str, str], source: str, bootstrap: str, tags: dict[str, OutputTag], event_id_ttl_us: int) -> None:
         self.specs = specs
+        self.event_id_ttl_us = event_id_ttl_us
         self.source = source
         self.bootstrap_path = bootstrap
         self.tags = tags
@@ -168,14 +170,16 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         timeline = self.timelines[dataset]
         codec = self.codecs[dataset]
         stored = self.state.value()
+        seen: dict[str, int] = {}
         if stored is not None:
-            state: KeyState = codec.decode(stored)
+            state, seen = codec.decode(stored)
         else:
             key = timeline.parser.parse(json.loads(raw)).key
             state = self.bootstrap.get(dataset, {}).get(key) or KeyState()
         source, line = record_source(self.source, partition, position)
         rows = timeline.apply(state, raw, source, line, t)
-        self.state.update(codec.encode(state))
+        remember_event_ids(state, seen, t, self.event_id_ttl_us)
+        self.state.update(codec.encode(state, seen))
         for row in rows:
             yield _tagged(self.tags, row)
 
@@ -289,7 +293,7 @@ def run(args: argparse.Namespace) -> None:
     )
     versions = (
         clocked.key_by(lambda r: f"{r[0]}\x00{r[1]}", key_type=Types.STRING())
-        .process(KeyTimeline(specs, source.name, args.bootstrap, tags), output_type=Types.INT())
+        .process(KeyTimeline(specs, source.name, args.bootstrap, tags, args.event_id_ttl_hours * 3_600_000_000), output_type=Types.INT())
         .uid("entity-timeline")
         .name("entity-timeline")
     )
@@ -335,6 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         help="a partition without records this long no longer holds the stable system time back",
     )
     parser.add_argument("--max-event-bytes", type=int, default=1 << 20, help="longer events are quarantined")
+    parser.add_argument(
+        "--event-id-ttl-hours",
+        type=int,
+        default=7 * 24,
+        help="how long (system time) an applied event id is remembered to ignore its redeliveries",
+    )
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument(
         "--restart-attempts",

@@ -318,19 +318,36 @@ class StateCodec:
                 values[i] = date.fromordinal(values[i])
         return tuple(values)
 
-    def encode(self, state: KeyState) -> str:
+    def encode(self, state: KeyState, seen: dict[str, int] | None = None) -> str:
+        """`seen`: when each remembered event id was applied (`remember_event_ids`)."""
         plain = self._plain
         segments = [(s[0], s[1], s[2], plain(s[3]), s[4], s[5]) for s in state.segments]
-        return self.TAG + base64.b64encode(marshal.dumps((segments, state.events), 4)).decode("ascii")
+        return self.TAG + base64.b64encode(marshal.dumps((segments, state.events, seen or {}), 4)).decode("ascii")
 
-    def decode(self, text: str) -> KeyState:
+    def decode(self, text: str) -> tuple[KeyState, dict[str, int]]:
         if not text.startswith(self.TAG):
             legacy: KeyState = pickle.loads(base64.b64decode(text))
-            return legacy
-        segments, events = marshal.loads(base64.b64decode(text[len(self.TAG):]))
+            return legacy, {}
+        segments, events, seen = marshal.loads(base64.b64decode(text[len(self.TAG):]))
         typed = self._typed
         new = tuple.__new__
-        return KeyState([new(Segment, (s[0], s[1], s[2], typed(s[3]), s[4], s[5])) for s in segments], events)
+        return KeyState([new(Segment, (s[0], s[1], s[2], typed(s[3]), s[4], s[5])) for s in segments], events), seen
+
+
+def remember_event_ids(state: KeyState, seen: dict[str, int], t: int, ttl_us: int) -> None:
+    """Bounded dedup state: an event id is remembered for `ttl_us` of system time after the
+    transaction that applied it (or, for ids the key's state already had, after the first
+    transaction that found them); then it is forgotten, and a redelivery of it after that would be
+    applied as a new event. System time, not the wall clock: a replay from a checkpoint forgets
+    exactly what the first run forgot. Mutates both."""
+    events = state.events
+    for event_id in events.keys() - seen.keys():
+        seen[event_id] = t
+    horizon = t - ttl_us
+    expired = [event_id for event_id, at in seen.items() if at <= horizon]
+    for event_id in expired:
+        del seen[event_id]
+        events.pop(event_id, None)
 
 
 def stable_system_time(

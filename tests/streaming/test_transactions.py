@@ -161,11 +161,31 @@ def test_the_state_codec_round_trips_every_payload_type_and_reads_the_pickle_for
     @given(segments, st.dictionaries(st.text(), st.text(), max_size=5))
     def round_trip(segs: list[Segment], events: dict[str, str]) -> None:
         state = KeyState(segs, events)
-        back = codec.decode(codec.encode(state))
-        assert back == state
+        seen = {event_id: n for n, event_id in enumerate(events)}
+        back, back_seen = codec.decode(codec.encode(state, seen))
+        assert (back, back_seen) == (state, seen)
         assert [type(v) for s in back.segments for v in s.payload] == [type(v) for s in segs for v in s.payload]
         assert all(type(s) is Segment for s in back.segments)
 
     round_trip()
     legacy = KeyState([Segment(1, 2, 3, (Decimal("1.5"), date(2024, 1, 1), 1, 1.0, "a", True, 5))], {"e": "d"})
-    assert codec.decode(base64.b64encode(pickle.dumps(legacy)).decode("ascii")) == legacy
+    assert codec.decode(base64.b64encode(pickle.dumps(legacy)).decode("ascii")) == (legacy, {})
+
+
+def test_event_ids_are_forgotten_a_ttl_of_system_time_after_they_were_applied() -> None:
+    from chronolake.streaming.transactions import remember_event_ids
+
+    timeline = EntityTimeline(SPEC)
+    state, seen = KeyState(), {}
+    hour = 3_600_000_000
+    for n, t in enumerate([1 * hour, 2 * hour, 30 * hour]):
+        assert timeline.apply(state, event(x=n, valid_from=f"2024-01-0{n + 1}", event_id=f"e{n}"), "s", n, t)
+        remember_event_ids(state, seen, t, ttl_us=24 * hour)
+        if t == 2 * hour:
+            # Within the TTL a redelivery is ignored.
+            assert timeline.apply(state, event(x=0, valid_from="2024-01-01", event_id="e0"), "s", 9, t + 1) == []
+    # At 30 h, e0 (1 h) and e1 (2 h) are older than 24 h: forgotten; e2 is remembered.
+    assert set(state.events) == set(seen) == {"e2"}
+    assert seen["e2"] == 30 * hour
+    redelivered = timeline.apply(state, event(x=0, valid_from="2024-01-01", event_id="e0"), "s", 10, 31 * hour)
+    assert redelivered, "a redelivery after the TTL is applied again (the documented horizon)"
