@@ -421,7 +421,14 @@ class _Run:
                 lines = pa.array(raw.lines, pa.int64())
                 table = raw.table
                 records = raw.records
-                if partition is not None:
+                buckets = None
+                if table is not None and spill.routes(table, partition):
+                    # String keys are their own text: sort by spill bucket (and take this process's
+                    # buckets) before validating, so the rows need no second sort to be spilled.
+                    table, lines, buckets = spill.route(table, lines, partition)
+                    if partition is not None:
+                        records = self._share_records(records, partition)
+                elif partition is not None:
                     lines, table, records = self._share(lines, table, records, partition)
                 file_report.rows += len(records) + (0 if table is None else table.num_rows)
                 self._malformed(source, file_report, records)
@@ -450,6 +457,8 @@ class _Run:
                             self._reject(source, file_report, lines[index].as_py(), reason, text(index))
                     keep = pa.array([reason is None for reason in reasons], pa.bool_())
                     batch = batch.filter(keep)
+                    if buckets is not None:
+                        buckets = buckets.filter(keep)
                 if batch.num_rows == 0:
                     continue
                 if self.options.period is not None:
@@ -461,7 +470,7 @@ class _Run:
                     texts.append((count, text))
                 if self.latest is not None:
                     keys.update(_distinct_keys(batch, spec))
-                spill.add(batch)
+                spill.add(batch, buckets)
                 count += rows
         spill.close()
         return _Collected(spill, texts, keys)
@@ -646,24 +655,27 @@ class _Run:
         rows without a valid key to share 0 (or, on the vectorised path, wherever their text hashes),
         which quarantines them."""
         share, shares = partition
-        first = share == 0
         if table is not None:
             mask = self._share_mask(table, share, shares)
             lines = lines.filter(mask)
             table = table.filter(mask)
+        return lines, table, self._share_records(records, partition)
+
+    def _share_records(self, records: list[RawRecord], partition: tuple[int, int]) -> list[RawRecord]:
+        share, shares = partition
         mine_records = []
         for record in records:
             if record.record is None:
-                if first:
+                if share == 0:
                     mine_records.append(record)
                 continue
             try:
                 mine = self._share_of(self.parser.parse_key(record.record), shares) == share
             except InvalidAssertion:
-                mine = first
+                mine = share == 0
             if mine:
                 mine_records.append(record)
-        return lines, table, mine_records
+        return mine_records
 
     def _string_key(self) -> bool:
         return len(self.table.spec.key) == 1 and self.table.spec.key[0].type == "string"
@@ -926,13 +938,45 @@ class _Spill:
         self._directory = directory
         self._schema = schema
         self._key = spec.key_names[0]
+        self._string_key = len(spec.key) == 1 and spec.key[0].type == "string"
         self._count = spec.buckets * fanout
         self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
-    def add(self, batch: pa.RecordBatch) -> None:
-        buckets = bucket_transform.bucket(batch.column(self._key), self._count)
-        order = pc.sort_indices(buckets)  # stable: input order within a bucket
-        batch, buckets = batch.take(order), buckets.take(order)
+    def routes(self, raw: pa.RecordBatch, partition: tuple[int, int] | None) -> bool:
+        """Whether :meth:`route` applies: a single string key, read as text, and shares that divide
+        the bucket count."""
+        return (
+            self._string_key
+            and pa.types.is_string(raw.schema.field(self._key).type)
+            and (partition is None or self._count % partition[1] == 0)
+        )
+
+    def route(
+        self, raw: pa.RecordBatch, lines: pa.Array, partition: tuple[int, int] | None
+    ) -> tuple[pa.RecordBatch, pa.Array, pa.Array]:
+        """Raw rows (and their lines) sorted by spill bucket, input order within a bucket, with the
+        buckets; with ``partition=(i, n)`` only share i's rows: the buckets ``b`` with ``b % n == i``
+        (the same split as :meth:`_Run._share_of`, since ``n`` divides the bucket count), and the rows
+        without a key in share 0 (they are quarantined there)."""
+        buckets = bucket_transform.bucket(raw.column(self._key), self._count)
+        shares = 1 if partition is None else partition[1]
+        share = 0 if partition is None else partition[0]
+        # Rows sort by (share, bucket); rows without a key first, with share 0.
+        shares_of = pc.subtract(buckets, pc.multiply(pc.divide(buckets, shares), shares))
+        rank = pc.fill_null(pc.add(pc.multiply(shares_of.cast(pa.int64()), self._count), buckets.cast(pa.int64())), -1)
+        order = pc.sort_indices(rank)
+        ranked = rank.take(order)
+        low = 0 if share == 0 else pc.sum(pc.less(ranked, share * self._count)).as_py() or 0
+        high = pc.sum(pc.less(ranked, (share + 1) * self._count)).as_py() or 0
+        mine = order.slice(low, high - low)
+        return raw.take(mine), lines.take(mine), buckets.take(mine)
+
+    def add(self, batch: pa.RecordBatch, buckets: pa.Array | None = None) -> None:
+        """Append rows to their spill files; ``buckets``: the rows' buckets, rows already sorted by them."""
+        if buckets is None:
+            buckets = bucket_transform.bucket(batch.column(self._key), self._count)
+            order = pc.sort_indices(buckets)  # stable: input order within a bucket
+            batch, buckets = batch.take(order), buckets.take(order)
         runs = pc.run_end_encode(buckets)
         start = 0
         for end, bucket in zip(runs.run_ends.to_pylist(), runs.values.to_pylist()):
