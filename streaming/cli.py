@@ -181,22 +181,42 @@ def publish_files(
     as_json: bool = False,
     valid_from_column: str | None = None,
     valid_to_column: str | None = None,
+    kinesis_stream: str | None = None,
+    region: str | None = None,
+    endpoint: str | None = None,
 ) -> None:
     """Publish assertion files to the stream that writes the dataset; wait for the ledger entries."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from chronolake.batch_compat.readers import ColumnMapping
     from chronolake.lake import Lake
-    from chronolake.streaming.feed import KafkaPublisher
+    from chronolake.streaming.feed import KafkaPublisher, KinesisPublisher, Publisher
     from chronolake.streaming.feed import publish_files as publish
+    from chronolake.streaming.kinesis import DEFAULT_REGION, KinesisError
 
     dataset = Lake().dataset(name)
-    servers, stream_topic = _owner_stream(dataset, bootstrap_servers, topic)
+    publisher: Publisher
+    if kinesis_stream is not None:
+        stream_topic, where = kinesis_stream, f"Kinesis stream {kinesis_stream!r}" + (f" at {endpoint}" if endpoint else "")
+    else:
+        servers, stream_topic = _owner_stream(dataset, bootstrap_servers, topic)
+        where = f"{stream_topic!r} at {servers}"
     mapping = ColumnMapping(valid_from=valid_from_column or "valid_from", valid_to=valid_to_column or "valid_to")
     started = time.monotonic()
     try:
-        with user_errors(), KafkaPublisher(servers, stream_topic) as publisher:
-            results = publish(dataset.spec, files, publisher, dataset.table.loaded_files, mapping)
+        with user_errors():
+            try:
+                publisher = (
+                    KinesisPublisher(kinesis_stream, region or DEFAULT_REGION, endpoint)
+                    if kinesis_stream is not None
+                    else KafkaPublisher(servers, stream_topic)
+                )
+                with publisher:
+                    results = publish(dataset.spec, files, publisher, dataset.table.loaded_files, mapping)
+            except (KinesisError, BotoCoreError, ClientError) as error:
+                raise ChronolakeError(str(error).splitlines()[0]) from None
     except ChronolakeError as error:
-        raise ChronolakeError(f"publishing to {stream_topic!r} at {servers}: {error} (is `chronolake stream {name}` running?)") from None
+        raise ChronolakeError(f"publishing to {where}: {error} (is `chronolake stream {name}` running?)") from None
     published = sum(r.rows + r.ledger_entries for r in results if r.status == "published")
     elapsed = time.monotonic() - started
     ledger = wait_for_ledger(dataset, results, wait_s)
@@ -232,8 +252,16 @@ def produce(
         Optional[str], typer.Option("--bootstrap-servers", envvar="CHRONOLAKE_KAFKA", help="Default: the dataset's stream.")
     ] = None,
     topic: Annotated[Optional[str], typer.Option(help="Default: the topic of the job that owns the dataset.")] = None,
+    kinesis_stream: Annotated[
+        Optional[str], typer.Option("--kinesis-stream", help="Publish to this Kinesis data stream instead of Kafka.")
+    ] = None,
+    region: Annotated[Optional[str], typer.Option(help="Kinesis: the stream's AWS region (default us-east-1).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help="Kinesis: endpoint override (an emulator).")] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the job to commit each file's ledger entry.")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the outcome.")] = False,
 ) -> None:
-    """Publish files as assertion events to Kafka (one JSON event per row, keyed by dataset and key)."""
-    publish_files(name, files, bootstrap_servers=bootstrap_servers, topic=topic, wait_s=wait, as_json=as_json)
+    """Publish files as assertion events to Kafka or Kinesis (one JSON event per row, keyed by dataset and key)."""
+    publish_files(
+        name, files, bootstrap_servers=bootstrap_servers, topic=topic, wait_s=wait, as_json=as_json,
+        kinesis_stream=kinesis_stream, region=region, endpoint=endpoint,
+    )

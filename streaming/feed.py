@@ -1,4 +1,4 @@
-"""Publishing assertions to the streaming job's topic: files (`chronolake load --via-stream`,
+"""Publishing assertions to the streaming job's topic or Kinesis stream: files (`chronolake load --via-stream`,
 `chronolake produce`) as one JSON event per row.
 
 A file goes through the stream the way a batch load would take it, with the same outcome:
@@ -186,10 +186,61 @@ class KafkaPublisher:
         self.close()
 
 
+class KinesisPublisher:
+    """The same for a Kinesis data stream: `PutRecords` keyed by entity (`kinesis.publish_kinesis`),
+    and the ledger event to every open shard with an explicit hash key in the shard's range."""
+
+    def __init__(self, stream: str, region: str, endpoint: str | None = None) -> None:
+        from chronolake.streaming.kinesis import kinesis_client
+
+        self.stream = stream
+        self.endpoint = endpoint
+        self.region = region
+        self.client = kinesis_client(region, endpoint)
+
+    def publish(self, events: Iterable[Event], on_event: Callable[[int], None] | None = None) -> int:
+        from chronolake.streaming.kinesis import partition_key, publish_kinesis
+
+        counted = [0]
+
+        def records() -> Iterator[tuple[str, bytes]]:
+            for key, value in events:
+                counted[0] += 1
+                if on_event is not None:
+                    on_event(counted[0])
+                yield partition_key(key.decode("utf-8")), value
+
+        return publish_kinesis(self.endpoint, self.stream, records(), region=self.region, client=self.client)
+
+    def broadcast(self, value: bytes) -> int:
+        shards = []
+        paginator = self.client.get_paginator("list_shards")
+        for page in paginator.paginate(StreamName=self.stream):
+            shards += [s for s in page["Shards"] if "EndingSequenceNumber" not in s.get("SequenceNumberRange", {})]
+        for shard in shards:
+            self.client.put_record(
+                StreamName=self.stream, Data=value, PartitionKey="@ledger",
+                ExplicitHashKey=shard["HashKeyRange"]["StartingHashKey"],
+            )
+        return len(shards)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> KinesisPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Publisher = KafkaPublisher | KinesisPublisher
+
+
 def publish_files(
     spec: DatasetSpec,
     paths: Sequence[str | Path],
-    publisher: KafkaPublisher,
+    publisher: Publisher,
     loaded: Callable[[list[str]], dict[str, int]],
     mapping: ColumnMapping | None = None,
     on_event: Callable[[int], None] | None = None,

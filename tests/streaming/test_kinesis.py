@@ -303,3 +303,50 @@ def check_kinesis_quarantine(
         assert table_name == ("unrouted" if label in UNROUTED else "prices"), (label, table_name)
     assert Counter(bad.values()) == {kind: BAD_PER_CLASS for kind in BAD_CLASSES}
 
+
+
+def test_produce_publishes_a_file_to_kinesis_with_a_ledger_event_behind_it_in_every_shard(
+    kinesis: LocalKinesis, cli: Any, tmp_path: Path
+) -> None:
+    """`chronolake produce --kinesis-stream`: every row once, keyed by entity, malformed rows as
+    rejections, and the file's ledger event last in each shard (so it lands after the file's rows)."""
+    stream = "produce-feed"
+    kinesis.create_stream(stream, SHARDS)
+    assert cli("dataset", "create", "prices", "--key", "k", "--column", "x:long").returncode == 0
+    source = tmp_path / "prices.csv"
+    source.write_text("k,x,valid_from\n" + "".join(f"k{i % 7},{i},2024-01-{1 + i % 28:02d}\n" for i in range(40)) + "bad,1\n")
+    produced = cli(
+        "produce", "prices", str(source), "--kinesis-stream", stream, "--endpoint", kinesis.endpoint,
+        "--region", kinesis.region, "--wait", "0", "--json",
+    )
+    assert produced.returncode == 0, produced.stderr
+    [file] = json.loads(produced.stdout)["files"]
+    assert (file["status"], file["rows"]) == ("published", 41)
+
+    client = kinesis.client()
+    per_shard: dict[str, list[dict[str, Any]]] = {}
+    for shard in kinesis_source(stream, kinesis.region, kinesis.endpoint):
+        iterator = client.get_shard_iterator(StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while time.monotonic() < deadline:
+            page = client.get_records(ShardIterator=iterator, Limit=1000)
+            events += [json.loads(r["Data"]) for r in page["Records"]]
+            iterator = page["NextShardIterator"]
+            if not page["Records"]:
+                break
+        per_shard[shard] = events
+    assert len(per_shard) == SHARDS
+    rows = [e for events in per_shard.values() for e in events if "@ledger" not in e]
+    assert sorted(e["@origin"]["line"] for e in rows) == list(range(2, 43))
+    assert [e["@rejected"] for e in rows if "@rejected" in e] == ["malformed CSV row: expected 3 fields, found 2"]
+    for events in per_shard.values():
+        assert events[-1]["@ledger"]["sha256"] == file["sha256"]
+        assert sum("@ledger" in e for e in events) == 1
+    # One key, one shard.
+    shards_of = {}
+    for shard, events in per_shard.items():
+        for e in events:
+            if "k" in e:
+                shards_of.setdefault(e["k"], set()).add(shard)
+    assert all(len(s) == 1 for s in shards_of.values())
