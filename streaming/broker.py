@@ -135,13 +135,15 @@ class LocalKafkaBroker:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         config = s.data_dir / "server.properties"
         config.write_text(self._server_properties())
-        fmt = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)),
-            capture_output=True,
-            text=True,
-        )
-        if fmt.returncode != 0:
-            raise BrokerError(f"formatting {s.data_dir / 'log'} failed: {fmt.stderr or fmt.stdout}")
+        # Formatted once: a second start() (after stop()) restarts the broker on its data and ports.
+        if not (s.data_dir / "log" / "meta.properties").is_file():
+            fmt = subprocess.run(
+                self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)),
+                capture_output=True,
+                text=True,
+            )
+            if fmt.returncode != 0:
+                raise BrokerError(f"formatting {s.data_dir / 'log'} failed: {fmt.stderr or fmt.stdout}")
         with self.log_file.open("ab") as log:
             self._process = subprocess.Popen(
                 self._java("kafka.Kafka", str(config)),

@@ -373,6 +373,10 @@ class StreamJob:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def submitted(self) -> list[Path]:
+        """The checkpoint folder of every job run that was submitted (one per run, by job id)."""
+        return sorted(p for p in (self.settings.work_dir / "checkpoints").glob("*") if p.is_dir())
+
     def latest_checkpoint(self) -> Path:
         """The newest retained `chk-N` (checkpoint ids continue across restores)."""
         checkpoints = self.settings.work_dir / "checkpoints"
