@@ -245,9 +245,45 @@ def publish_files(
         typer.echo(f"quarantined rows, if any: chronolake quarantine {name}")
 
 
+def publish_demo_feed(name: str, count: int, rate: float | None, *, bootstrap_servers: str | None, topic: str | None) -> None:
+    """`count` events of `demo_feed.feed` to the dataset's stream, at `rate` per second, with progress."""
+    import itertools
+
+    from chronolake.lake import Lake
+    from chronolake.streaming.demo_feed import check_dataset, feed
+    from chronolake.streaming.feed import KafkaPublisher
+
+    dataset = Lake().dataset(name)
+    if (problem := check_dataset(dataset.spec)) is not None:
+        raise ChronolakeError(problem)
+    servers, stream_topic = _owner_stream(dataset, bootstrap_servers, topic)
+    started = time.monotonic()
+    last = [started]
+
+    def paced() -> Iterator[tuple[bytes, bytes]]:
+        for n, item in enumerate(itertools.islice(feed(name), count)):
+            if rate is not None and (ahead := started + n / rate - time.monotonic()) > 0:
+                time.sleep(ahead)
+            yield item
+
+    def progress(n: int) -> None:
+        if time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            typer.echo(f"published {n:,} events ({n / (last[0] - started):,.0f}/s)")
+
+    with user_errors(), KafkaPublisher(servers, stream_topic) as publisher:
+        published = publisher.publish(paced(), progress)
+    elapsed = time.monotonic() - started
+    typer.echo(f"{published:,} demo-feed events to {stream_topic!r} in {elapsed:.1f}s ({published / max(elapsed, 1e-9):,.0f}/s)")
+
+
 def produce(
     name: Annotated[str, typer.Argument(help="The dataset the files' assertions belong to.")],
-    files: Annotated[list[Path], typer.Argument(help="CSV, JSONL or Parquet files, optionally .gz, in order.")],
+    files: Annotated[Optional[list[Path]], typer.Argument(help="CSV, JSONL or Parquet files, optionally .gz, in order.")] = None,
+    demo_feed: Annotated[
+        Optional[int], typer.Option("--demo-feed", min=1, help="Instead of files: this many events of a realistic index-level feed.")
+    ] = None,
+    rate: Annotated[Optional[float], typer.Option(min=1, help="--demo-feed: events per second (default: as fast as possible).")] = None,
     bootstrap_servers: Annotated[
         Optional[str], typer.Option("--bootstrap-servers", envvar="CHRONOLAKE_KAFKA", help="Default: the dataset's stream.")
     ] = None,
@@ -261,6 +297,14 @@ def produce(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the outcome.")] = False,
 ) -> None:
     """Publish files as assertion events to Kafka or Kinesis (one JSON event per row, keyed by dataset and key)."""
+    if (demo_feed is None) == (not files):
+        raise ChronolakeError("give files to publish, or --demo-feed N (not both)")
+    if demo_feed is not None:
+        if kinesis_stream is not None:
+            raise ChronolakeError("--demo-feed publishes to Kafka only")
+        publish_demo_feed(name, demo_feed, rate, bootstrap_servers=bootstrap_servers, topic=topic)
+        return
+    assert files is not None
     publish_files(
         name, files, bootstrap_servers=bootstrap_servers, topic=topic, wait_s=wait, as_json=as_json,
         kinesis_stream=kinesis_stream, region=region, endpoint=endpoint,

@@ -89,3 +89,31 @@ def test_stream_claims_the_dataset_and_load_via_stream_goes_through_the_job(cli:
     released = cli("stream", "prices", "--release")
     assert released.returncode == 0 and "released" in released.stdout
     assert cli("load", "prices", str(source), "--json").returncode == 0
+
+
+def test_produce_a_demo_feed_to_kafka_with_its_corrections(cli: Run, kafka_broker: Any) -> None:
+    from kafka import KafkaConsumer
+
+    kafka_broker.create_topic("demo-feed", partitions=2)
+    assert cli("dataset", "create", "prices", "--key", "id", "--column", "price:double").returncode == 0
+    wrong = cli("produce", "prices", "--demo-feed", "10", "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", "demo-feed")
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and "index levels" in wrong.stderr
+
+    assert cli(
+        "dataset", "create", "index_levels", "--key", "index_id", "--column", "level:decimal(18,2)", "--column", "currency:string"
+    ).returncode == 0
+    produced = cli(
+        "produce", "index_levels", "--demo-feed", "3000", "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", "demo-feed"
+    )
+    assert produced.returncode == 0, produced.stderr
+    assert "3,000 demo-feed events to 'demo-feed'" in produced.stdout
+
+    consumer = KafkaConsumer("demo-feed", bootstrap_servers=kafka_broker.bootstrap_servers, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)
+    events = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    assert len(events) == 3000
+    assert {e["dataset"] for e in events} == {"index_levels"}
+    kinds = {e["event_id"].split("-")[0] for e in events}
+    assert {"fix", "restate"} <= kinds, "late corrections and restatements are in the feed"
+    assert any("valid_to" in e for e in events) and any("valid_to" not in e for e in events)
