@@ -31,6 +31,7 @@ import argparse
 import json
 import pickle
 import sys
+import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from pyflink.common import Configuration, Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext, StreamExecutionEnvironment
 from pyflink.datastream.state import ValueState, ValueStateDescriptor
+from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
 from chronolake.iceberg.algebra import KeyState
@@ -71,6 +73,8 @@ TICK_TAG = OutputTag("ticks", TICK)
 #: A partition's high-water mark goes to the stable-time operator at most this often (and always
 #: after the records it covers), not once per record.
 TICK_MS = 200
+#: Keys whose decoded state the entity-timeline operator keeps beside RocksDB (per subtask).
+DECODED_KEYS = 20_000
 
 
 def table_tags(specs: dict[str, str]) -> dict[str, OutputTag]:
@@ -155,6 +159,9 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.timelines: dict[str, EntityTimeline] = {}
         self.codecs: dict[str, StateCodec] = {}
         self.bootstrap: dict[str, dict[Any, KeyState]] = {}
+        # Decoded states of recently used keys with the text they were stored as: a key whose
+        # RocksDB text is unchanged skips decoding (restored or rescaled state never matches).
+        self.decoded: dict[tuple[str, str], tuple[str, KeyState, dict[str, int]]] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
         # Text (`StateCodec`): thread mode fails to convert an empty BYTES state to Python.
@@ -166,12 +173,16 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         assert self.state is not None
-        dataset, _, t, partition, position, raw = value
+        dataset, entity, t, partition, position, raw = value
         timeline = self.timelines[dataset]
         codec = self.codecs[dataset]
         stored = self.state.value()
         seen: dict[str, int] = {}
-        if stored is not None:
+        cache_key = (dataset, entity)
+        cached = self.decoded.pop(cache_key, None)
+        if stored is not None and cached is not None and cached[0] == stored:
+            state, seen = cached[1], cached[2]  # the text in RocksDB is the one this object was encoded to
+        elif stored is not None:
             state, seen = codec.decode(stored)
         else:
             key = timeline.parser.parse(json.loads(raw)).key
@@ -179,7 +190,11 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         source, line = record_source(self.source, partition, position)
         rows = timeline.apply(state, raw, source, line, t)
         remember_event_ids(state, seen, t, self.event_id_ttl_us)
-        self.state.update(codec.encode(state, seen))
+        text = codec.encode(state, seen)
+        self.state.update(text)
+        self.decoded[cache_key] = (text, state, seen)
+        if len(self.decoded) > DECODED_KEYS:
+            del self.decoded[next(iter(self.decoded))]  # the least recently used
         for row in rows:
             yield _tagged(self.tags, row)
 
@@ -261,16 +276,42 @@ def build_configuration(args: argparse.Namespace) -> Configuration:
     }
     if args.restore_from:
         settings["execution.state-recovery.path"] = Path(args.restore_from).resolve().as_uri()
+    if args.jobmanager:
+        # Submitted to a session cluster's REST endpoint instead of a mini-cluster in this JVM. The
+        # TaskManagers run the Python functions in an interpreter embedded in their JVM (thread
+        # mode), which sees PyFlink only through `python.pythonpath` (the job venv's site-packages,
+        # installed at the same path on the workers) and chronolake through the shipped archive.
+        host, port = args.jobmanager.rsplit(":", 1)
+        settings.update({
+            "execution.target": "remote",
+            "rest.address": host,
+            "rest.port": port,
+            "pipeline.name": args.job_name,
+            "python.pythonpath": sysconfig.get_paths()["purelib"],
+            "python.files": str(Path(args.python_files).resolve()),
+        })
     for key, value in settings.items():
         config.set_string(key, value)
     return config
+
+
+def execution_environment(config: Configuration) -> StreamExecutionEnvironment:
+    """The environment `config` describes. `get_execution_environment` outside `flink run` always
+    makes a local one (it overrides `execution.target` with `local`); the Java constructor honours
+    the configured target, so `execution.target: remote` submits to the cluster's REST endpoint."""
+    if config.get_string("execution.target", "local") == "local":
+        return StreamExecutionEnvironment.get_execution_environment(config)
+    jvm = get_gateway().jvm
+    return StreamExecutionEnvironment(
+        jvm.org.apache.flink.streaming.api.environment.StreamExecutionEnvironment(config._j_configuration)
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     plan = json.loads(Path(args.plan).read_text())
     specs: dict[str, str] = plan["datasets"]
     namespace: str = plan["namespace"]
-    env = StreamExecutionEnvironment.get_execution_environment(build_configuration(args))
+    env = execution_environment(build_configuration(args))
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(
@@ -313,7 +354,14 @@ def run(args: argparse.Namespace) -> None:
         view = f"rows_{index}"
         t_env.create_temporary_view(view, t_env.from_data_stream(rows))
         statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, columns.get(table, QUARANTINE_COLUMNS)))
-    statements.execute().wait()
+    result = statements.execute()
+    if args.jobmanager:
+        # Detached: the cluster runs the job; `chronolake stream` follows and cancels it over REST.
+        job_id = str(result.get_job_client().get_job_id())
+        Path(args.job_id_file).write_text(job_id)
+        print(f"submitted job {job_id} to {args.jobmanager}")
+        return
+    result.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,11 +401,19 @@ def main(argv: list[str] | None = None) -> None:
         help="restarts from the last checkpoint before the job fails (tests want the failure)",
     )
     parser.add_argument("--restore-from", default="", help="a retained checkpoint (chk-N folder)")
+    parser.add_argument(
+        "--jobmanager", default="", help="HOST:PORT, a session cluster's REST endpoint (default: a local mini-cluster)"
+    )
+    parser.add_argument("--python-files", default="", help="with --jobmanager: the archive of chronolake's modules")
+    parser.add_argument("--job-id-file", default="", help="with --jobmanager: where the submitted job's id goes")
+    parser.add_argument("--job-name", default="chronolake-stream", help="the job's name on the cluster")
     args = parser.parse_args(argv)
     needed = ["bootstrap_servers", "topic"] if args.source == KAFKA else ["stream", "region"]
     missing = [f"--{name.replace('_', '-')}" for name in needed if not getattr(args, name)]
     if missing:
         parser.error(f"--source {args.source} needs {' and '.join(missing)}")
+    if args.jobmanager and not (args.python_files and args.job_id_file and ":" in args.jobmanager):
+        parser.error("--jobmanager HOST:PORT needs --python-files and --job-id-file")
     run(args)
 
 
