@@ -572,7 +572,13 @@ class _Run:
             [pa.array([True]), pc.or_(changed, pc.greater(valid_from.slice(1), valid_from.slice(0, count - 1)))]
         )
         plain = pc.and_(pc.and_(pc.invert(deletes), pc.is_null(valid_to)), ascending)
-        looped = set(pc.unique(group.filter(pc.invert(plain))).to_pylist()) - slow
+        # The other keys loop from their first row that is not in ascending valid time.
+        irregular = pc.indices_nonzero(pc.invert(plain))
+        first_irregular: dict[int, int] = {}
+        for key_group, position in zip(group.take(irregular).to_pylist(), irregular.to_pylist()):
+            if key_group not in first_irregular and key_group not in slow:
+                first_irregular[key_group] = position
+        looped = set(first_irregular)
         simple = pc.invert(pc.is_in(group, pa.array(sorted(looped | slow), pa.int64())))
         next_same = pa.concat_arrays([pc.invert(changed), pa.array([False])])
         next_from = pa.concat_arrays([valid_from.slice(1), pa.array([0], pa.int64())])
@@ -587,7 +593,7 @@ class _Run:
         groups: list[int] = []
         for key_group in sorted(looped):
             group_froms, group_tos, group_refs = new_key_timeline(
-                deletes_list, from_list, to_list, bounds[key_group], bounds[key_group + 1]
+                deletes_list, from_list, to_list, bounds[key_group], bounds[key_group + 1], first_irregular[key_group]
             )
             froms += group_froms
             tos += group_tos

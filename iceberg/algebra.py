@@ -139,7 +139,12 @@ def apply_transaction(state: KeyState, assertions: Sequence[Assertion], t: int) 
 
 
 def new_key_timeline(
-    deletes: Sequence[bool], valid_from: Sequence[int], valid_to: Sequence[int | None], start: int, stop: int
+    deletes: Sequence[bool],
+    valid_from: Sequence[int],
+    valid_to: Sequence[int | None],
+    start: int,
+    stop: int,
+    ascending_until: int | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """The net effect of one transaction on a key with no current versions, whose assertions
     (positions ``start`` to ``stop`` of the parallel sequences, in input order) carry no event ids.
@@ -150,10 +155,20 @@ def new_key_timeline(
     superseded was opened in this transaction; no event ids, no markers), with the same rules as
     :func:`_apply` on plain integers, so that a batch load carries payloads by reference
     (tests/iceberg/test_algebra_properties.py checks the two agree).
+
+    ``ascending_until``: the caller knows that the assertions before this position are upserts
+    without ``valid_to`` in strictly ascending ``valid_from``; each then runs until the next one
+    (the last one forever), which is taken without a loop.
     """
     froms: list[int] = []
     tos: list[int] = []
     refs: list[int] = []
+    if ascending_until is not None and ascending_until > start:
+        froms = list(valid_from[start:ascending_until])
+        tos = froms[1:]
+        tos.append(SENTINEL)
+        refs = list(range(start, ascending_until))
+        start = ascending_until
     for position in range(start, stop):
         begin = valid_from[position]
         end = valid_to[position]

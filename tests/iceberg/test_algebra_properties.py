@@ -138,3 +138,14 @@ def test_new_key_timeline_opens_what_the_transaction_opens(transaction: list[Ref
     )
     assert list(zip(froms, tos, positions)) == [(s.valid_from, s.valid_to, s.payload[0]) for s in change.opened]
     assert change.closed == [] and change.events == []
+    # The same with the leading upserts without valid_to in ascending valid time taken as known.
+    ascending = 0
+    while ascending < len(assertions) and assertions[ascending].op == "upsert" and assertions[ascending].valid_to is None and (
+        ascending == 0 or assertions[ascending].valid_from > assertions[ascending - 1].valid_from
+    ):
+        ascending += 1
+    shortcut = new_key_timeline(
+        [a.op == "delete" for a in assertions], [a.valid_from for a in assertions], [a.valid_to for a in assertions], 0,
+        len(assertions), ascending,
+    )
+    assert shortcut == (froms, tos, positions)
