@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, LessThanOrEqual, NotNull
@@ -20,9 +21,10 @@ from pyiceberg.io.pyarrow import (
     pyarrow_to_schema,
     write_file,
 )
-from pyiceberg.manifest import DataFile
+from pyiceberg.manifest import DataFile, ManifestEntryStatus
 from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
 from pyiceberg.table import Table, TableProperties, WriteTask
+from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.utils.properties import property_as_int
 
 from chronolake.iceberg.algebra import Key, KeyState, Segment
@@ -148,11 +150,42 @@ class BitemporalTable:
         value = snapshot.summary.get(STABLE_PROPERTY) if snapshot.summary else None
         if value is not None:
             return int(value)
-        # A snapshot written by another engine (e.g. maintenance): the control rows are the truth.
+        # A snapshot written by another engine (the streaming job, maintenance): the control rows
+        # are the truth. They only grow from commit to commit, so the newest snapshot that added
+        # any holds the maximum: read the files each snapshot added, newest first, and stop there.
+        recent = self._latest_control_row(snapshot)
+        if recent is not None:
+            return recent
         controls = self.scan(EqualTo(ROW_KIND, CONTROL), [SYSTEM_FROM])
         if controls.num_rows == 0:
             return None
         return int(pc.max(controls[SYSTEM_FROM].cast(pa.int64())).as_py())
+
+    def _latest_control_row(self, snapshot: Snapshot, max_snapshots: int = 20) -> int | None:
+        """Max control-row `system_from` in the data files added by the newest snapshots that added
+        any control row (up to `max_snapshots` back); None if none of them did."""
+        io = self.table.io
+        current: Snapshot | None = snapshot
+        for _ in range(max_snapshots):
+            if current is None:
+                return None
+            found: int | None = None
+            for manifest in current.manifests(io):
+                if manifest.added_snapshot_id != current.snapshot_id or not manifest.has_added_files():
+                    continue
+                for entry in manifest.fetch_manifest_entry(io, discard_deleted=True):
+                    if entry.status != ManifestEntryStatus.ADDED:
+                        continue
+                    with io.new_input(entry.data_file.file_path).open() as stream:
+                        rows = pq.read_table(stream, columns=[ROW_KIND, SYSTEM_FROM], filters=[(ROW_KIND, "=", CONTROL)])
+                    if rows.num_rows:
+                        value = int(pc.max(rows[SYSTEM_FROM].cast(pa.int64())).as_py())
+                        found = value if found is None else max(found, value)
+            if found is not None:
+                return found
+            parent = current.parent_snapshot_id
+            current = self.table.snapshot_by_id(parent) if parent is not None else None
+        return None
 
     @staticmethod
     def next_system_time(latest: int | None) -> int:

@@ -74,6 +74,16 @@ def test_stream_claims_the_dataset_and_load_via_stream_goes_through_the_job(cli:
         assert "expected decimal(18,4)" in reasons[5] and "is not after valid_from" in reasons[6]
         assert reasons[7].startswith("malformed CSV row")
 
+        # The stable time read from the newest snapshots' files equals the full scan of control rows.
+        from chronolake.iceberg.dataset import CONTROL, ROW_KIND, SYSTEM_FROM
+        from chronolake.iceberg.rows import python_columns
+        from chronolake.lake import Lake
+        from pyiceberg.expressions import EqualTo
+
+        table = Lake(lake_home).dataset("prices").table
+        [controls] = python_columns(table.scan(EqualTo(ROW_KIND, CONTROL), [SYSTEM_FROM]), [SYSTEM_FROM])
+        assert table.stable_system_time() == max(controls)
+
         again = cli("load", "prices", str(source), "--via-stream", "--json")
         assert json.loads(again.stdout)["files"][0]["status"] == "already loaded"
         _wait_for(output, "consumed", stream)
