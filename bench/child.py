@@ -1,9 +1,9 @@
 """Running one benchmark case in a fresh Python process and reading back what it measured.
 
-Each case runs in its own process so that its peak memory is its own: the child reports
-``ru_maxrss`` of ``getrusage(RUSAGE_SELF)`` (the peak resident set size of that process, imports
-included) and its resident size just before the measured work started (``/proc/self/status`` VmRSS),
-as one JSON line on stdout.
+Each case runs in its own process so that its peak memory is its own: the child reports its peak
+resident set size (``/proc/self/status`` VmHWM, imports included), the largest peak of the load
+processes it forked (``ru_maxrss`` of ``RUSAGE_CHILDREN``) and its resident size just before the
+measured work started (VmRSS), as one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -77,7 +77,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports kB)."""
+    """Peak resident set size of this process so far, MiB: ``VmHWM``, the high-water mark of this
+    process's own address space. (``ru_maxrss`` of ``RUSAGE_SELF`` survives ``execve`` on Linux, so in a
+    fresh interpreter it is never below the RSS of the benchmark driver that started it.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
