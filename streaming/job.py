@@ -29,8 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,7 +43,8 @@ from typing import Any
 
 from pyflink.common import Configuration, Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext, StreamExecutionEnvironment
-from pyflink.datastream.state import ValueState, ValueStateDescriptor
+from pyflink.common.time import Time
+from pyflink.datastream.state import StateTtlConfig, ValueState, ValueStateDescriptor
 from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
@@ -146,12 +152,21 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
 class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
     """Keyed by (dataset, key): the key's `KeyState` in RocksDB, one transaction per record.
 
-    A key the state does not know starts from the table's state at launch (the bootstrap file).
+    A key the state has never known starts from the table's state at launch (the bootstrap file).
+    With a state TTL (`state_ttl_ms`), a key idle that long loses its state; a `key_known` flag
+    without TTL remembers that it existed, and its next record reads the key's state from the table
+    through the lookup service (`chronolake.streaming.lookup`) instead: the table is the truth.
     """
 
-    def __init__(self, specs: dict[str, str], source: str, bootstrap: str, tags: dict[str, OutputTag], event_id_ttl_us: int) -> None:
+    def __init__(
+        self, specs: dict[str, str], source: str, bootstrap: str, tags: dict[str, OutputTag], event_id_ttl_us: int,
+        state_ttl_ms: int = 0, lookup_url: str = "",
+    ) -> None:
         self.specs = specs
         self.event_id_ttl_us = event_id_ttl_us
+        self.state_ttl_ms = state_ttl_ms
+        self.lookup_url = lookup_url
+        self.known: ValueState | None = None
         self.source = source
         self.bootstrap_path = bootstrap
         self.tags = tags
@@ -165,7 +180,16 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
 
     def open(self, runtime_context: RuntimeContext) -> None:
         # Text (`StateCodec`): thread mode fails to convert an empty BYTES state to Python.
-        self.state = runtime_context.get_state(ValueStateDescriptor("key_state", Types.STRING()))
+        descriptor = ValueStateDescriptor("key_state", Types.STRING())
+        if self.state_ttl_ms > 0:
+            descriptor.enable_time_to_live(
+                StateTtlConfig.new_builder(Time.milliseconds(self.state_ttl_ms))
+                .set_update_type(StateTtlConfig.UpdateType.OnReadAndWrite)
+                .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
+                .build()
+            )
+            self.known = runtime_context.get_state(ValueStateDescriptor("key_known", Types.BOOLEAN()))
+        self.state = runtime_context.get_state(descriptor)
         specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
         self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
         self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
@@ -184,9 +208,13 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
             state, seen = cached[1], cached[2]  # the text in RocksDB is the one this object was encoded to
         elif stored is not None:
             state, seen = codec.decode(stored)
+        elif self.known is not None and self.known.value():
+            state, seen = self._look_up(dataset, raw)  # expired by the state TTL: ask the table
         else:
             key = timeline.parser.parse(json.loads(raw)).key
             state = self.bootstrap.get(dataset, {}).get(key) or KeyState()
+        if self.known is not None and stored is None:
+            self.known.update(True)
         source, line = record_source(self.source, partition, position)
         rows = timeline.apply(state, raw, source, line, t)
         remember_event_ids(state, seen, t, self.event_id_ttl_us)
@@ -197,6 +225,14 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
             del self.decoded[next(iter(self.decoded))]  # the least recently used
         for row in rows:
             yield _tagged(self.tags, row)
+
+
+    def _look_up(self, dataset: str, raw: str) -> tuple[KeyState, dict[str, int]]:
+        body = json.dumps({"dataset": dataset, "record": json.loads(raw)}).encode()
+        request = urllib.request.Request(self.lookup_url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:  # a failure fails the task: it restarts
+            text = response.read().decode("ascii")
+        return self.codecs[dataset].decode(text) if text else (KeyState(), {})
 
 
 class StableTime(KeyedProcessFunction):  # type: ignore[misc]
@@ -334,7 +370,13 @@ def run(args: argparse.Namespace) -> None:
     )
     versions = (
         clocked.key_by(lambda r: f"{r[0]}\x00{r[1]}", key_type=Types.STRING())
-        .process(KeyTimeline(specs, source.name, args.bootstrap, tags, args.event_id_ttl_hours * 3_600_000_000), output_type=Types.INT())
+        .process(
+            KeyTimeline(
+                specs, source.name, args.bootstrap, tags, args.event_id_ttl_hours * 3_600_000_000,
+                state_ttl_ms=args.state_ttl_ms, lookup_url=start_lookup(args, plan) if args.state_ttl_ms > 0 else "",
+            ),
+            output_type=Types.INT(),
+        )
         .uid("entity-timeline")
         .name("entity-timeline")
     )
@@ -362,6 +404,21 @@ def run(args: argparse.Namespace) -> None:
         print(f"submitted job {job_id} to {args.jobmanager}")
         return
     result.wait()
+
+
+def start_lookup(args: argparse.Namespace, plan: dict[str, Any]) -> str:
+    """Start `chronolake.streaming.lookup` in the tools env (it exits with this process); its URL."""
+    ready = Path(tempfile.mkdtemp(prefix="chronolake-lookup-")) / "port"
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}  # not the job venv's
+    lookup = subprocess.Popen(
+        [args.lookup_python, "-m", "chronolake.streaming.lookup", "--home", plan["home"], "--ready-file", str(ready)], env=env
+    )
+    deadline = time.monotonic() + 120
+    while not ready.is_file() or not ready.read_text():
+        if lookup.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the key-state lookup service did not start (exit code {lookup.poll()})")
+        time.sleep(0.2)
+    return f"http://127.0.0.1:{ready.read_text()}/state"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,6 +449,17 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=7 * 24,
         help="how long (system time) an applied event id is remembered to ignore its redeliveries",
+    )
+    parser.add_argument(
+        "--state-ttl-ms",
+        type=int,
+        default=0,
+        help="drop a key's state after this long without a record (0: never); its next record reads the table",
+    )
+    parser.add_argument(
+        "--lookup-python",
+        default=str(Path(__file__).resolve().parent.parent / ".venv" / "tools" / "bin" / "python"),
+        help="the tools env's interpreter, which runs the key-state lookup service (with --state-ttl-ms)",
     )
     parser.add_argument("--parallelism", type=int, default=1)
     parser.add_argument(
