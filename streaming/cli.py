@@ -27,12 +27,13 @@ def user_errors() -> Iterator[None]:
     from kafka.errors import KafkaError
 
     from chronolake.streaming.broker import BrokerError
+    from chronolake.streaming.cluster import ClusterError
     from chronolake.streaming.runtime import JobRuntimeError, StreamSourceError
     from chronolake.streaming.service import StreamServiceError
 
     try:
         yield
-    except (BrokerError, JobRuntimeError, StreamSourceError, StreamServiceError) as error:
+    except (BrokerError, ClusterError, JobRuntimeError, StreamSourceError, StreamServiceError) as error:
         raise ChronolakeError(str(error)) from None
     except KafkaError as error:
         raise ChronolakeError(f"Kafka: {type(error).__name__}: {error}".rstrip(": ")) from None
@@ -53,8 +54,16 @@ def stream(
     run_for: Annotated[Optional[float], typer.Option("--run-for", help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     every: Annotated[float, typer.Option("--every", help="Seconds between progress lines.")] = 5.0,
     release: Annotated[bool, typer.Option("--release", help="Give the datasets back (after stopping their job for good).")] = False,
+    jobmanager: Annotated[
+        Optional[str],
+        typer.Option(
+            "--jobmanager",
+            envvar="CHRONOLAKE_JOBMANAGER",
+            help="HOST:PORT of a Flink 1.20 session cluster's REST endpoint: submit the job there (default: a local mini-cluster).",
+        ),
+    ] = None,
 ) -> None:
-    """Run the streaming job on a local Flink mini-cluster: Kafka -> bitemporal Iceberg tables, exactly once."""
+    """Run the streaming job (local Flink mini-cluster, or --jobmanager): Kafka -> bitemporal Iceberg tables, exactly once."""
     from chronolake.iceberg.ownership import release as release_claim
     from chronolake.lake import Lake
     from chronolake.streaming.service import StreamOptions, StreamService
@@ -73,12 +82,14 @@ def stream(
         partitions=partitions,
         checkpoint_interval_ms=checkpoint_interval_ms,
         idle_partition_ms=idle_partition_ms,
+        jobmanager=jobmanager,
     )
-    service = StreamService(options)
+    with user_errors():
+        service = StreamService(options)
     stop = _stop_on_signals()
     with user_errors():
         try:
-            if bootstrap_servers is None:
+            if bootstrap_servers is None and jobmanager is None:
                 err.print("starting a local Kafka broker ...")
                 err.print(f"local Kafka broker at {service.start_broker()} (this run only)")
             service.start()
@@ -88,10 +99,15 @@ def stream(
                 if service.restored_from
                 else "no checkpoint: starting from the tables' current state"
             )
-            typer.echo(f"job log: {service.log}; stop with Ctrl-C (checkpoints are kept)")
+            if service.job_id is not None:
+                typer.echo(f"job {service.job_id} runs on the Flink cluster at {service.cluster.address} (web UI: {service.cluster.url});"
+                           " stop with Ctrl-C (cancels it; checkpoints are kept)")
+            else:
+                typer.echo(f"job log: {service.log}; stop with Ctrl-C (checkpoints are kept)")
             _watch(service, lake, datasets, run_for, every, stop)
         finally:
-            err.print("stopping the job ...")
+            if service.job is not None or service.job_id is not None:
+                err.print("stopping the job ...")
             service.stop()
     typer.echo("stopped")
 

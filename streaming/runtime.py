@@ -18,6 +18,9 @@ Flink mini-cluster inside the PyFlink gateway JVM. Two things must be handed to 
   `PYTHONPATH` entries are not site directories.
 
 `launch_stream_job` prepares and starts the bitemporal job (`streaming/job.py`) for datasets of a lake.
+With `jobmanager` set, the job script is only the client: it submits the job to that Flink session
+cluster (whose `lib/` holds the same jars), ships the chronolake modules as a zip (`job_archive`,
+`python.files`), writes the job's id to `job_id_file` and exits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import os
 import pickle
 import subprocess
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +156,15 @@ class StreamJobSettings:
     max_event_bytes: int = 1 << 20
     restart_attempts: int = 0
     restore_from: Path | None = None
+    #: `HOST:PORT` of a Flink session cluster's REST endpoint; None = a local mini-cluster.
+    jobmanager: str | None = None
+    #: The job's name on the cluster (how a second start finds a job still running there).
+    job_name: str = "chronolake-stream"
+
+    @property
+    def job_id_file(self) -> Path:
+        """Where the job script writes the id of the job it submitted to the cluster."""
+        return self.work_dir / "job-id"
 
 
 def topic_source(bootstrap_servers: str, topic: str) -> int:
@@ -203,6 +216,21 @@ def kinesis_source(stream: str, region: str, endpoint: str | None = None) -> lis
         return sorted(shards, key=shard_number)
     except ValueError as error:
         raise StreamSourceError(str(error)) from None
+
+
+def job_archive(path: Path) -> Path:
+    """A zip of the `chronolake` modules the job imports, laid out as the package
+    (`chronolake/__init__.py`, `chronolake/iceberg/...`, `chronolake/streaming/...`). Shipped with the
+    job (`python.files`), it is on the TaskManagers' Python path: a cluster needs no chronolake install."""
+    partial = path.with_suffix(".partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(REPO_ROOT / "chronolake" / "__init__.py", "chronolake/__init__.py")
+        for name, folder in _JOB_PACKAGES.items():
+            for file in sorted(folder.rglob("*")):
+                if file.is_file() and "__pycache__" not in file.parts:
+                    archive.write(file, f"chronolake/{name}/{file.relative_to(folder).as_posix()}")
+    partial.replace(path)
+    return path
 
 
 def _source_arguments(settings: StreamJobSettings) -> tuple[dict[str, object], list[str]]:
@@ -285,6 +313,14 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
     ]
     if settings.restore_from is not None:
         args += ["--restore-from", str(settings.restore_from)]
+    if settings.jobmanager:
+        settings.job_id_file.unlink(missing_ok=True)
+        args += [
+            "--jobmanager", settings.jobmanager,
+            "--job-name", settings.job_name,
+            "--python-files", str(job_archive(settings.work_dir / "chronolake-job.zip")),
+            "--job-id-file", str(settings.job_id_file),
+        ]
     return runtime.command(JOB_SCRIPT, *args)
 
 

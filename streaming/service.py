@@ -9,10 +9,13 @@
 3. claim the datasets for this stream (`chronolake.iceberg.ownership`): from now on a direct batch
    load into them is refused and `chronolake load --via-stream` publishes here;
 4. start the job (`runtime.launch_stream_job`), resuming from the newest retained checkpoint in
-   its work folder, so a stopped job picks up where it stopped, exactly once;
+   its work folder, so a stopped job picks up where it stopped, exactly once: on a local Flink
+   mini-cluster in the job's own process, or (`jobmanager`) submitted to a Flink session cluster,
+   which then runs it without us (`chronolake.streaming.cluster`);
 5. report progress (`status`): records consumed per partition (the offsets the job commits to
    Kafka with each checkpoint), lag, throughput, and each dataset's stable system time;
-6. stop the job (SIGTERM to its process group, then SIGKILL), then the broker. The checkpoints stay.
+6. stop the job (SIGTERM to its process group, then SIGKILL; on a cluster: cancel it over REST),
+   then the broker. The checkpoints stay.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kafka.errors import CoordinatorNotAvailableError, GroupIdNotFoundError, Top
 from chronolake.iceberg.ownership import StreamOwner, claim
 from chronolake.lake import Lake
 from chronolake.streaming.broker import BrokerSettings, LocalKafkaBroker
+from chronolake.streaming.cluster import SessionCluster
 from chronolake.streaming.runtime import LOG_APPEND_TIME, JobRuntime, StreamJobSettings, launch_stream_job
 
 DEFAULT_TOPIC = "chronolake-assertions"
@@ -79,10 +83,17 @@ class StreamOptions:
     parallelism: int = 1
     restart_attempts: int = 100  # restarts from the last checkpoint (exactly once) before giving up
     group_id: str = "chronolake-stream"
+    #: `HOST:PORT` of a Flink session cluster's REST endpoint; None: a local mini-cluster. The
+    #: cluster must see the lake home (catalog, warehouse, checkpoints) at the same path.
+    jobmanager: str | None = None
 
     @property
     def folder(self) -> Path:
         return self.work_dir or self.home / "stream" / self.topic
+
+    @property
+    def job_name(self) -> str:
+        return f"chronolake-stream {self.topic} -> {','.join(self.datasets)}"
 
 
 @dataclass
@@ -112,6 +123,8 @@ class StreamService:
         self.job: subprocess.Popen[bytes] | None = None
         self.restored_from: Path | None = None
         self.created_topic = False
+        self.cluster = SessionCluster.parse(options.jobmanager) if options.jobmanager else None
+        self.job_id: str | None = None  # the job on the cluster
 
     @property
     def bootstrap_servers(self) -> str:
@@ -142,6 +155,16 @@ class StreamService:
         options = self.options
         lake = Lake(options.home)
         datasets = [lake.dataset(name) for name in options.datasets]  # fails clearly on a typo
+        if self.cluster is not None:
+            self.cluster.check()
+            if options.bootstrap_servers is None:
+                raise StreamServiceError("a job on a Flink cluster needs --bootstrap-servers (it cannot reach this run's local broker)")
+            running = [job for job in self.cluster.jobs() if job.name == options.job_name and not job.finished]
+            if running:
+                raise StreamServiceError(
+                    f"{options.job_name!r} already runs on the cluster at {self.cluster.address} as job "
+                    f"{running[0].id} ({running[0].state}); cancel it there first"
+                )
         if self.options.bootstrap_servers is None and self.broker is None:
             self.start_broker()
         self.created_topic = ensure_topic(self.bootstrap_servers, options.topic, options.partitions)
@@ -160,10 +183,35 @@ class StreamService:
             idle_partition_ms=options.idle_partition_ms,
             restart_attempts=options.restart_attempts,
             restore_from=self.restored_from,
+            jobmanager=self.cluster.address if self.cluster else None,
+            job_name=options.job_name,
         )
+        log_start = self.log.stat().st_size if self.log.is_file() else 0
         self.job = launch_stream_job(settings, self.log, self.runtime)
+        if self.cluster is not None:
+            self.job_id = self._submitted(settings.job_id_file, log_start)
+
+    def _submitted(self, job_id_file: Path, log_start: int, timeout_s: float = 300.0) -> str:
+        """Wait for the job script to submit the job and exit; the id of the job on the cluster."""
+        client, self.job = self.job, None
+        assert client is not None and self.cluster is not None
+        try:
+            code = client.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+            raise StreamServiceError(f"submitting the job to {self.cluster.address} took over {timeout_s:.0f}s; its log: {self.log}") from None
+        if code != 0 or not job_id_file.is_file():
+            reason = _last_cause(self.log, log_start)
+            raise StreamServiceError(
+                f"submitting the job to {self.cluster.address} failed (exit code {code})"
+                + (f": {reason}" if reason else "") + f"; its log: {self.log}"
+            )
+        return job_id_file.read_text().strip()
 
     def running(self) -> bool:
+        if self.cluster is not None:
+            return self.job_id is not None and not self.cluster.job(self.job_id).finished
         return self.job is not None and self.job.poll() is None
 
     def status(self) -> StreamStatus:
@@ -187,6 +235,15 @@ class StreamService:
         return status
 
     def check_running(self) -> None:
+        if self.cluster is not None and self.job_id is not None:
+            job = self.cluster.job(self.job_id)
+            if job.finished:
+                reason = self.cluster.failure(self.job_id) if job.state == "FAILED" else None
+                raise StreamServiceError(
+                    f"the streaming job {job.id} on the cluster at {self.cluster.address} is {job.state}"
+                    + (f": {reason}" if reason else "")
+                )
+            return
         if not self.running():
             code = None if self.job is None else self.job.returncode
             raise StreamServiceError(f"the streaming job stopped (exit code {code}); its log: {self.log}")
@@ -205,6 +262,15 @@ class StreamService:
             time.sleep(0.5)
 
     def stop(self, grace_s: float = 30.0) -> None:
+        try:
+            if self.cluster is not None and self.job_id is not None:
+                # Cancel, not stop-with-savepoint: the retained checkpoints are what the next start
+                # resumes from, and a cancel cannot hang on a savepoint that never completes.
+                self.cluster.cancel(self.job_id, timeout_s=max(grace_s, 60.0))
+        finally:
+            self._stop_processes(grace_s)
+
+    def _stop_processes(self, grace_s: float) -> None:
         job, self.job = self.job, None
         if job is not None and job.poll() is None:
             try:
@@ -225,3 +291,15 @@ class StreamService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _last_cause(log: Path, start: int) -> str | None:
+    """The innermost `Caused by:` of the last Java exception written to a job log after `start`, as one line."""
+    try:
+        with log.open("rb") as file:
+            file.seek(start)
+            text = file.read().decode(errors="replace")
+    except OSError:
+        return None
+    causes = [line.removeprefix("Caused by: ").strip() for line in text.splitlines() if line.startswith("Caused by: ")]
+    return causes[-1] if causes else None

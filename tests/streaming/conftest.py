@@ -8,6 +8,7 @@ import pytest
 
 from chronolake.streaming.broker import BrokerSettings, LocalKafkaBroker
 from chronolake.streaming.runtime import JobRuntime
+from tests.streaming.flink_cluster import LocalFlinkCluster, local_flink_cluster
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,11 @@ def job_runtime() -> JobRuntime:
     runtime.site_packages()
     runtime.jars()
     return runtime
+
+
+@pytest.fixture(scope="module")
+def flink_cluster(job_runtime: JobRuntime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFlinkCluster]:
+    """A standalone Flink session cluster (JobManager + one TaskManager, 4 slots) as local processes,
+    ready when its REST API reports the slots; stopped after the module's tests."""
+    with local_flink_cluster(job_runtime, tmp_path_factory.mktemp("flink")) as cluster:
+        yield cluster
