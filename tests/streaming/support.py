@@ -14,9 +14,9 @@ import random
 import signal
 import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -355,7 +355,7 @@ class StreamJob:
         self.starts = 0
 
     def start(self, restore_from: Path | None = None) -> None:
-        settings = self.settings if restore_from is None else _replace(self.settings, restore_from=restore_from)
+        settings = self.settings if restore_from is None else replace(self.settings, restore_from=restore_from)
         self.process = launch_stream_job(settings, self.log, self.runtime)
         self.starts += 1
 
@@ -399,19 +399,6 @@ class StreamJob:
     def tail(self) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text[-4000:]
-
-
-def _replace(settings: StreamJobSettings, **changes: Any) -> StreamJobSettings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
-
-
-def by_partition(records: Iterable[Delivered]) -> dict[int, list[Delivered]]:
-    grouped: dict[int, list[Delivered]] = defaultdict(list)
-    for record in records:
-        grouped[record.partition].append(record)
-    return grouped
 
 
 def decode(record: Delivered) -> Any:
