@@ -25,6 +25,15 @@ def catalog_properties(home: Path) -> dict[str, str]:
         # two writers wait for each other instead of failing after sqlite-jdbc's default 3 s.
         "jdbc.journal_mode": "WAL",
         "jdbc.busy_timeout": "30000",
+        # Iceberg 1.10's JdbcCatalog.initialize checks that its tables exist with
+        # DatabaseMetaData.getTables(...).next() and never closes that result set: the pooled
+        # connection keeps a read transaction open for good, pinned to the snapshot of that moment,
+        # and every later commit through it fails with SQLITE_BUSY / SQLITE_BUSY_SNAPSHOT as soon as
+        # another connection has written (no busy timeout can wait that out). With several
+        # committers per checkpoint that failed the job every few seconds. pyiceberg has created
+        # the catalog tables before any job starts (the lake is opened first), so skip the check.
+        # Measured: 3 threads x 100 concurrent commits, 200 failures with it, 0 without.
+        "jdbc.init-catalog-tables": "false",
     }
 
 
