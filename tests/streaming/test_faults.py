@@ -50,10 +50,9 @@ def job_settings(home: Path, work: Path, bootstrap_servers: str, topic: str) -> 
         topic=topic,
         stable_interval_ms=500,
         idle_partition_ms=2000,
-        # Besides the faults the tests inject, the table committers of one checkpoint race for the
-        # SQLite catalog (SQLITE_BUSY, docs/streaming-runtime.md); the job restarts from its
-        # checkpoint then. Those restarts must not lose or double anything either.
-        restart_attempts=1000,
+        # The job recovers by itself from what it can (a broker away, a failed commit) by restarting
+        # from its latest checkpoint; the tests' own kills are what it cannot survive alone.
+        restart_attempts=10,
     )
 
 
