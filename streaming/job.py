@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--source {args.source} needs {' and '.join(missing)}")
     if args.jobmanager and not (args.python_files and args.job_id_file and ":" in args.jobmanager):
         parser.error("--jobmanager HOST:PORT needs --python-files and --job-id-file")
+    if args.jobmanager and args.state_ttl_ms > 0:
+        # The lookup service runs beside this client, which exits once the cluster has the job.
+        parser.error("--state-ttl-ms is not supported with --jobmanager yet (its key-state lookup service lives in the client)")
     run(args)
 
 
