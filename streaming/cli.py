@@ -62,6 +62,13 @@ def stream(
             help="HOST:PORT of a Flink 1.20 session cluster's REST endpoint: submit the job there (default: a local mini-cluster).",
         ),
     ] = None,
+    cluster_python: Annotated[
+        Optional[str],
+        typer.Option(
+            "--cluster-python",
+            help="With --jobmanager: the job venv's Python on the TaskManagers (default: the path of this machine's .venv/job).",
+        ),
+    ] = None,
 ) -> None:
     """Run the streaming job (local Flink mini-cluster, or --jobmanager): Kafka -> bitemporal Iceberg tables, exactly once."""
     from chronolake.iceberg.ownership import release as release_claim
@@ -83,6 +90,7 @@ def stream(
         checkpoint_interval_ms=checkpoint_interval_ms,
         idle_partition_ms=idle_partition_ms,
         jobmanager=jobmanager,
+        cluster_python=cluster_python,
     )
     with user_errors():
         service = StreamService(options)

@@ -38,7 +38,7 @@ import time
 import urllib.request
 import sysconfig
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pyflink.common import Configuration, Row, Types
@@ -315,20 +315,31 @@ def build_configuration(args: argparse.Namespace) -> Configuration:
     if args.jobmanager:
         # Submitted to a session cluster's REST endpoint instead of a mini-cluster in this JVM. The
         # TaskManagers run the Python functions in an interpreter embedded in their JVM (thread
-        # mode), which sees PyFlink only through `python.pythonpath` (the job venv's site-packages,
-        # installed at the same path on the workers) and chronolake through the shipped archive.
+        # mode), which sees PyFlink only through `python.pythonpath` (the site-packages of the
+        # workers' job venv) and chronolake through the shipped archive.
         host, port = args.jobmanager.rsplit(":", 1)
         settings.update({
             "execution.target": "remote",
             "rest.address": host,
             "rest.port": port,
             "pipeline.name": args.job_name,
-            "python.pythonpath": sysconfig.get_paths()["purelib"],
+            "python.executable": args.cluster_python or sys.executable,
+            "python.pythonpath": worker_site_packages(args.cluster_python),
             "python.files": str(Path(args.python_files).resolve()),
         })
     for key, value in settings.items():
         config.set_string(key, value)
     return config
+
+
+def worker_site_packages(python: str) -> str:
+    """The site-packages of the workers' Python: this venv's own when they share its path, else the
+    venv layout beside `python` (`<venv>/bin/python` -> `<venv>/lib/python3.X/site-packages`, same
+    Python minor version as this client: the functions are pickled here and unpickled there)."""
+    if not python:
+        return sysconfig.get_paths()["purelib"]
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(PurePosixPath(python).parent.parent / "lib" / version / "site-packages")
 
 
 def execution_environment(config: Configuration) -> StreamExecutionEnvironment:
@@ -475,6 +486,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--python-files", default="", help="with --jobmanager: the archive of chronolake's modules")
     parser.add_argument("--job-id-file", default="", help="with --jobmanager: where the submitted job's id goes")
     parser.add_argument("--job-name", default="chronolake-stream", help="the job's name on the cluster")
+    parser.add_argument(
+        "--cluster-python", default="", help="with --jobmanager: the job venv's Python on the workers (default: this one's path)"
+    )
     args = parser.parse_args(argv)
     needed = ["bootstrap_servers", "topic"] if args.source == KAFKA else ["stream", "region"]
     missing = [f"--{name.replace('_', '-')}" for name in needed if not getattr(args, name)]

@@ -160,6 +160,8 @@ class StreamJobSettings:
     jobmanager: str | None = None
     #: The job's name on the cluster (how a second start finds a job still running there).
     job_name: str = "chronolake-stream"
+    #: The job venv's Python on the cluster's workers; None = the same path as here.
+    cluster_python: str | None = None
 
     @property
     def job_id_file(self) -> Path:
@@ -321,6 +323,8 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
             "--python-files", str(job_archive(settings.work_dir / "chronolake-job.zip")),
             "--job-id-file", str(settings.job_id_file),
         ]
+        if settings.cluster_python:
+            args += ["--cluster-python", settings.cluster_python]
     return runtime.command(JOB_SCRIPT, *args)
 
 

@@ -86,6 +86,9 @@ class StreamOptions:
     #: `HOST:PORT` of a Flink session cluster's REST endpoint; None: a local mini-cluster. The
     #: cluster must see the lake home (catalog, warehouse, checkpoints) at the same path.
     jobmanager: str | None = None
+    #: The job venv's Python on the cluster's workers (same Python minor version); None = the
+    #: same path as this machine's job venv.
+    cluster_python: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -185,6 +188,7 @@ class StreamService:
             restore_from=self.restored_from,
             jobmanager=self.cluster.address if self.cluster else None,
             job_name=options.job_name,
+            cluster_python=options.cluster_python,
         )
         log_start = self.log.stat().st_size if self.log.is_file() else 0
         self.job = launch_stream_job(settings, self.log, self.runtime)

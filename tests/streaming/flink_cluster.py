@@ -96,6 +96,9 @@ class LocalFlinkCluster:
         """{job id: state} of every job the cluster knows."""
         return {job.id: job.state for job in self.api.jobs()}
 
+    def taskmanager_log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in (self.folder / "log").glob("flink-*-taskexecutor-*.log"))
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted((self.folder / "log").glob("*")))
 

@@ -18,6 +18,7 @@ import pytest
 
 from chronolake.lake import Lake
 from chronolake.streaming.broker import LocalKafkaBroker
+from chronolake.streaming.runtime import JobRuntime
 from tests.conftest import CHRONOLAKE, free_port
 from tests.streaming.flink_cluster import LocalFlinkCluster
 
@@ -40,6 +41,13 @@ def _wait_for_state(cluster: LocalFlinkCluster, job_id: str, state: str) -> None
     deadline = time.monotonic() + TIMEOUT_S
     while cluster.jobs().get(job_id) != state:
         assert time.monotonic() < deadline, (cluster.jobs(), cluster.logs())
+        time.sleep(0.5)
+
+
+def _wait_for_taskmanager_log(cluster: LocalFlinkCluster, text: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while text not in cluster.taskmanager_log():
+        assert time.monotonic() < deadline, cluster.logs()
         time.sleep(0.5)
 
 
@@ -78,7 +86,12 @@ def _prices(cli: Run, known_at: str) -> dict[str, Decimal]:
 
 
 def test_stream_runs_on_a_session_cluster_cancels_on_ctrl_c_and_resumes_from_its_checkpoint(
-    cli: Run, lake_home: Path, tmp_path: Path, kafka_broker: LocalKafkaBroker, flink_cluster: LocalFlinkCluster
+    cli: Run,
+    lake_home: Path,
+    tmp_path: Path,
+    kafka_broker: LocalKafkaBroker,
+    flink_cluster: LocalFlinkCluster,
+    job_runtime: JobRuntime,
 ) -> None:
     assert cli("dataset", "create", "prices", "--key", "id", "--column", "price:decimal(18,4)").returncode == 0
     first, second = tmp_path / "first.csv", tmp_path / "second.csv"
@@ -105,13 +118,19 @@ def test_stream_runs_on_a_session_cluster_cancels_on_ctrl_c_and_resumes_from_its
     assert jobs[job_id] == "CANCELED"
     assert all(state in {"CANCELED", "FINISHED", "FAILED"} for state in jobs.values()), jobs
 
+    # The workers' job venv at another path than the client's (here a symlink to the same venv).
+    workers_venv = tmp_path / "workers-venv"
+    workers_venv.symlink_to(job_runtime.venv.resolve(), target_is_directory=True)
     output = tmp_path / "stream-2.out"
-    stream = _start_stream(lake_home, output, *cluster_args)
+    stream = _start_stream(lake_home, output, *cluster_args, "--cluster-python", str(workers_venv / "bin" / "python"))
     try:
         resumed_id = _wait_for(output, r"job (\w{32}) runs on the Flink cluster", stream).group(1)
         assert resumed_id != job_id
         assert re.search(rf"resuming from checkpoint .*/{job_id}/chk-\d+", output.read_text())
         _wait_for_state(flink_cluster, resumed_id, "RUNNING")
+        # The TaskManager runs the functions with that interpreter and its site-packages.
+        _wait_for_taskmanager_log(flink_cluster, f"Python interpreter path: {workers_venv}/bin/python")
+        _wait_for_taskmanager_log(flink_cluster, f"PYTHONPATH of python worker: {workers_venv}/lib/python3.11/site-packages:")
         second_writer = cli("stream", "prices", *cluster_args)  # one writer per dataset
         assert second_writer.returncode == 1 and "Traceback" not in second_writer.stderr
         assert f"already runs on the cluster at {flink_cluster.rest_address} as job {resumed_id}" in second_writer.stderr
