@@ -43,6 +43,8 @@ REJECTED_FIELD = "@rejected"
 RAW_FIELD = "@raw"
 #: {"sha256": hex}: the file is published in full; the job writes its ledger row (idempotency).
 LEDGER_FIELD = "@ledger"
+#: Fields of an event besides the dataset's assertion fields.
+_ENVELOPE_FIELDS = frozenset({DATASET_FIELD, ORIGIN_FIELD, REJECTED_FIELD, RAW_FIELD, LEDGER_FIELD})
 #: Longest record value applied; longer ones are quarantined with their first `RAW_KEPT` characters.
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 RAW_KEPT = 4096
@@ -182,8 +184,13 @@ class EventRouter:
             if not isinstance(sha256, str) or len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
                 return quarantine_row(quarantine, source, offset, "ledger event without a SHA-256", raw, t)
             return self.timelines[dataset].ledger(sha256, t)
+        parser = self.parsers[dataset]
+        # As a batch load does: a misspelt field (`valid_too`) must not be silently ignored.
+        unknown = [name for name in record if name not in parser.known_fields and name not in _ENVELOPE_FIELDS]
+        if unknown:
+            return quarantine_row(quarantine, source, offset, f"unknown field(s) {', '.join(map(str, unknown))}", raw, t)
         try:
-            assertion = self.parsers[dataset].parse(record)
+            assertion = parser.parse(record)
         except InvalidAssertion as error:
             return quarantine_row(quarantine, source, offset, str(error), raw, t)
         return Routed(dataset, assertion.key, repr(assertion.key), assertion)

@@ -43,6 +43,7 @@ def test_bad_records_are_routed_to_a_quarantine_with_a_reason() -> None:
         event(x="abc"): ("prices__quarantine", "x: expected an integer"),
         event(valid_to="2024-01-01"): ("prices__quarantine", "is not after valid_from"),
         event(op="merge"): ("prices__quarantine", "unknown op"),
+        event(valid_too="2024-02-01"): ("prices__quarantine", "unknown field(s) valid_too"),
         event(note="y" * 300): ("prices__quarantine", "exceeds 200"),
         event(k="\\ud800"): (UNROUTED_QUARANTINE, "invalid unicode escape"),
     }
