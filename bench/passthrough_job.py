@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)
     parser.add_argument("--parallelism", type=int, default=1)
     args = parser.parse_args()
-    # The fields build_configuration reads, as the bitemporal job has them by default.
-    args.restart_attempts, args.restore_from = 20, ""
+    # The fields build_configuration reads, as the bitemporal job has them by default (a local run).
+    args.restart_attempts, args.restore_from, args.jobmanager = 20, "", ""
     plan = json.loads(Path(args.plan).read_text())
 
     env = StreamExecutionEnvironment.get_execution_environment(build_configuration(args))
