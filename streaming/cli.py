@@ -54,6 +54,10 @@ def stream(
     run_for: Annotated[Optional[float], typer.Option("--run-for", help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     every: Annotated[float, typer.Option("--every", help="Seconds between progress lines.")] = 5.0,
     release: Annotated[bool, typer.Option("--release", help="Give the datasets back (after stopping their job for good).")] = False,
+    state_ttl_hours: Annotated[
+        float,
+        typer.Option(min=0, help="Drop a key's state after this long without a record (0: never); it is read back from the table."),
+    ] = 0,
     jobmanager: Annotated[
         Optional[str],
         typer.Option(
@@ -75,6 +79,8 @@ def stream(
     from chronolake.lake import Lake
     from chronolake.streaming.service import StreamOptions, StreamService
 
+    if state_ttl_hours and jobmanager:
+        raise ChronolakeError("--state-ttl-hours works with the local mini-cluster only (its table lookup runs beside the job)")
     lake = Lake()
     if release:
         for name in datasets:
@@ -91,6 +97,7 @@ def stream(
         idle_partition_ms=idle_partition_ms,
         jobmanager=jobmanager,
         cluster_python=cluster_python,
+        state_ttl_ms=round(state_ttl_hours * 3_600_000),
     )
     with user_errors():
         service = StreamService(options)

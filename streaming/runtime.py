@@ -156,6 +156,9 @@ class StreamJobSettings:
     max_event_bytes: int = 1 << 20
     restart_attempts: int = 0
     restore_from: Path | None = None
+    #: A key's state expires after this long without a record (0: never); its next record reads the
+    #: table (`chronolake.streaming.lookup`). Local mini-cluster only.
+    state_ttl_ms: int = 0
     #: `HOST:PORT` of a Flink session cluster's REST endpoint; None = a local mini-cluster.
     jobmanager: str | None = None
     #: The job's name on the cluster (how a second start finds a job still running there).
@@ -312,6 +315,7 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
         "--idle-partition-ms", str(settings.idle_partition_ms),
         "--max-event-bytes", str(settings.max_event_bytes),
         "--restart-attempts", str(settings.restart_attempts),
+        "--state-ttl-ms", str(settings.state_ttl_ms),
     ]
     if settings.restore_from is not None:
         args += ["--restore-from", str(settings.restore_from)]

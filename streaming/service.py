@@ -82,6 +82,7 @@ class StreamOptions:
     idle_partition_ms: int = 10_000
     parallelism: int = 1
     restart_attempts: int = 100  # restarts from the last checkpoint (exactly once) before giving up
+    state_ttl_ms: int = 0  # 0: key state never expires
     group_id: str = "chronolake-stream"
     #: `HOST:PORT` of a Flink session cluster's REST endpoint; None: a local mini-cluster. The
     #: cluster must see the lake home (catalog, warehouse, checkpoints) at the same path.
@@ -186,6 +187,7 @@ class StreamService:
             idle_partition_ms=options.idle_partition_ms,
             restart_attempts=options.restart_attempts,
             restore_from=self.restored_from,
+            state_ttl_ms=options.state_ttl_ms,
             jobmanager=self.cluster.address if self.cluster else None,
             job_name=options.job_name,
             cluster_python=options.cluster_python,

@@ -45,9 +45,9 @@ def test_an_expired_key_is_read_back_from_the_table(kafka_broker: Any, job_runti
     prices = lake.create_dataset("prices", key=["k"], columns=["x:long"])
     settings = StreamJobSettings(
         home=home, datasets=["prices"], work_dir=tmp_path / "job", bootstrap_servers=kafka_broker.bootstrap_servers,
-        topic=topic, checkpoint_interval_ms=500, idle_partition_ms=500, restart_attempts=20,
+        topic=topic, checkpoint_interval_ms=500, idle_partition_ms=500, restart_attempts=20, state_ttl_ms=TTL_MS,
     )
-    command = prepare_stream_job(settings, job_runtime) + ["--state-ttl-ms", str(TTL_MS)]
+    command = prepare_stream_job(settings, job_runtime)
     log = tmp_path / "job.log"
     with log.open("ab") as out:
         job = subprocess.Popen(
