@@ -258,6 +258,11 @@ def run_demo(home: Path | None = None, stream: bool = True) -> None:
                 text(row["system_from"]), text(row["system_to"]),
             )
     console.print(history_table)
+    if stream:
+        console.print(
+            "  (streamed, each event is its own transaction: a day's level, valid until further notice, was cut "
+            "by the next day's event microseconds later; a batch load of the same file is one transaction)"
+        )
     console.print(
         f"\nReproduce the report any time: chronolake query index_levels --valid-at {REPORT_DAY} "
         f"--known-at {format_micros(reported_at)}"
