@@ -36,6 +36,7 @@ from typing import Any
 from chronolake.batch_compat.readers import ColumnMapping, SourceFile, read_records
 from chronolake.iceberg.dataset import EVENT_ID, DatasetSpec
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
+from chronolake.iceberg.rows import python_columns
 from chronolake.streaming.transactions import DATASET_FIELD, LEDGER_FIELD, ORIGIN_FIELD, RAW_FIELD, REJECTED_FIELD
 
 #: One Kafka record: (key, value).
@@ -269,6 +270,24 @@ def publish_files(
     return results
 
 
-def rate(count: int, started: float) -> str:
-    elapsed = max(time.monotonic() - started, 1e-9)
-    return f"{count:,} events in {elapsed:.1f}s ({count / elapsed:,.0f}/s)"
+def wait_for_ledger(dataset: Any, results: Sequence[PublishedFile], wait_s: float) -> dict[str, int]:
+    """Wait until the job committed every ledger row of the published files (`feed.PublishedFile`)
+    and the stable system time covers them; returns {sha256: system time the file is complete at}
+    for those that are."""
+    expected = {r.sha256: r.ledger_entries for r in results if r.status == "published"}
+    complete: dict[str, int] = {}
+    deadline = time.monotonic() + wait_s
+    while set(expected) - set(complete) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        dataset.table.refresh()
+        if dataset.table.table.current_snapshot() is None:
+            continue
+        rows = zip(*python_columns(dataset.table.ledger(expected), ["sha256", "loaded_at", "entries"]))
+        complete = {sha256: at for sha256, at, entries in rows if entries >= expected[sha256]}
+    # Readable once the stable system time covers it (a query at that time is then allowed).
+    while complete and time.monotonic() < deadline:
+        stable = dataset.stable_system_time()
+        if stable is not None and stable >= max(complete.values()):
+            break
+        time.sleep(0.5)
+    return complete

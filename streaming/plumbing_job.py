@@ -7,8 +7,9 @@ incremental checkpoints, and the Iceberg Flink sink appending per checkpoint to 
 Python tools created in the shared SQLite JDBC catalog.
 
 Runs by path in the job venv (`.venv/job/bin/python streaming/plumbing_job.py ...`), which does
-not have chronolake installed: besides PyFlink it imports only chronolake's stdlib-only modules,
-which `chronolake.streaming.runtime.JobRuntime` puts on `PYTHONPATH` (with the classpath).
+not have chronolake installed: besides PyFlink it imports chronolake's stdlib-only modules and the
+bitemporal job's runtime configuration (`job.build_configuration`), which
+`chronolake.streaming.runtime.JobRuntime` puts on `PYTHONPATH` (with the classpath).
 
 Each Kafka record value is a JSON object with `key` (string) and `seq` (integer). Each output row
 carries it with its Kafka coordinates and a per-partition system time
@@ -25,17 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from pyflink.common import Configuration, Row, Types
+from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, StreamExecutionEnvironment
 from pyflink.datastream.state import ValueState, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
 from chronolake.streaming.catalog import catalog_properties, with_clause
+from chronolake.streaming.job import build_configuration
 
 CATALOG = "chronolake"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -116,35 +117,8 @@ class PartitionSystemTime(KeyedProcessFunction):  # type: ignore[misc]
         yield Row(*value, (EPOCH + timedelta(microseconds=t)).strftime(SQL_TIMESTAMP_FORMAT), seen)
 
 
-def build_configuration(args: argparse.Namespace) -> Configuration:
-    config = Configuration()
-    settings = {
-        "python.execution-mode": "thread",
-        # The embedded interpreter (thread mode) and the client must be the job venv's Python.
-        "python.executable": sys.executable,
-        "python.client.executable": sys.executable,
-        "state.backend.type": "rocksdb",
-        "execution.checkpointing.incremental": "true",
-        "execution.checkpointing.interval": f"{args.checkpoint_interval_ms} ms",
-        "execution.checkpointing.mode": "EXACTLY_ONCE",
-        "execution.checkpointing.dir": Path(args.checkpoint_dir).resolve().as_uri(),
-        "parallelism.default": str(args.parallelism),
-        "pipeline.max-parallelism": "128",
-        "table.local-time-zone": "UTC",
-        # Kept after a cancel or crash, so the job can be restarted from its latest checkpoint.
-        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
-        "restart-strategy.type": "fixed-delay",
-        "restart-strategy.fixed-delay.attempts": str(args.restart_attempts),
-        "restart-strategy.fixed-delay.delay": "1 s",
-    }
-    if args.restore_from:
-        settings["execution.state-recovery.path"] = Path(args.restore_from).resolve().as_uri()
-    for key, value in settings.items():
-        config.set_string(key, value)
-    return config
-
-
 def run(args: argparse.Namespace) -> None:
+    args.jobmanager = ""  # the bitemporal job's runtime configuration, on a local mini-cluster
     env = StreamExecutionEnvironment.get_execution_environment(build_configuration(args))
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
