@@ -30,8 +30,7 @@ from chronolake.iceberg.exceptions import ChronolakeError
 from chronolake.iceberg.temporal import format_micros
 from chronolake.lake import Dataset, Lake
 from chronolake.output import text
-from chronolake.streaming.cli import wait_for_ledger
-from chronolake.streaming.feed import KafkaPublisher, publish_files
+from chronolake.streaming.feed import KafkaPublisher, publish_files, wait_for_ledger
 from chronolake.streaming.service import StreamOptions, StreamService
 
 INDICES = {"STOXX50": Decimal("4521.65"), "SMI": Decimal("11137.79"), "NIKKEI225": Decimal("33464.17")}

@@ -177,31 +177,6 @@ def _owner_stream(dataset: Any, bootstrap_servers: str | None, topic: str | None
     return (bootstrap_servers or owner.address), (topic or owner.stream)
 
 
-def wait_for_ledger(dataset: Any, results: Sequence[Any], wait_s: float) -> dict[str, int]:
-    """Wait until the job committed every ledger row of the published files (`feed.PublishedFile`)
-    and the stable system time covers them; returns {sha256: system time the file is complete at}
-    for those that are."""
-    from chronolake.iceberg.rows import python_columns
-
-    expected = {r.sha256: r.ledger_entries for r in results if r.status == "published"}
-    complete: dict[str, int] = {}
-    deadline = time.monotonic() + wait_s
-    while set(expected) - set(complete) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        dataset.table.refresh()
-        if dataset.table.table.current_snapshot() is None:
-            continue
-        rows = zip(*python_columns(dataset.table.ledger(expected), ["sha256", "loaded_at", "entries"]))
-        complete = {sha256: at for sha256, at, entries in rows if entries >= expected[sha256]}
-    # Readable once the stable system time covers it (a query at that time is then allowed).
-    while complete and time.monotonic() < deadline:
-        stable = dataset.stable_system_time()
-        if stable is not None and stable >= max(complete.values()):
-            break
-        time.sleep(0.5)
-    return complete
-
-
 def publish_files(
     name: str,
     files: Sequence[Path],
@@ -221,7 +196,7 @@ def publish_files(
 
     from chronolake.batch_compat.readers import ColumnMapping
     from chronolake.lake import Lake
-    from chronolake.streaming.feed import KafkaPublisher, KinesisPublisher, Publisher
+    from chronolake.streaming.feed import KafkaPublisher, KinesisPublisher, Publisher, wait_for_ledger
     from chronolake.streaming.feed import publish_files as publish
     from chronolake.streaming.kinesis import DEFAULT_REGION, KinesisError
 

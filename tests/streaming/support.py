@@ -43,6 +43,7 @@ from chronolake.iceberg.rows import python_columns
 from chronolake.iceberg.temporal import SENTINEL, micros_from_datetime
 from chronolake.lake import Dataset
 from chronolake.streaming.runtime import JobRuntime, StreamJobSettings, launch_stream_job
+from chronolake.streaming.service import latest_checkpoint as newest_checkpoint
 from chronolake.streaming.transactions import UNROUTED_QUARANTINE, system_time
 from tests.reference_model import INFINITE, RefAssertion, ReferenceModel
 
@@ -380,9 +381,9 @@ class StreamJob:
     def latest_checkpoint(self) -> Path:
         """The newest retained `chk-N` (checkpoint ids continue across restores)."""
         checkpoints = self.settings.work_dir / "checkpoints"
-        completed = [chk for chk in checkpoints.glob("*/chk-*") if (chk / "_metadata").is_file()]
-        assert completed, f"no retained checkpoint under {checkpoints}"
-        return max(completed, key=lambda chk: int(chk.name.removeprefix("chk-")))
+        latest = newest_checkpoint(checkpoints)
+        assert latest is not None, f"no retained checkpoint under {checkpoints}"
+        return latest
 
     def wait_until(self, condition: Callable[[], bool], what: str, timeout_s: float, poll_s: float = 1.0) -> None:
         """A readiness poll: fails when the job exits or the (generous) timeout passes."""

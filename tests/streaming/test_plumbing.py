@@ -34,6 +34,7 @@ from pyiceberg.types import (
 
 from chronolake.streaming.broker import LOG_APPEND_TIME, LocalKafkaBroker
 from chronolake.streaming.runtime import REPO_ROOT, JobRuntime
+from chronolake.streaming.service import latest_checkpoint
 
 JOB_SCRIPT = REPO_ROOT / "streaming" / "plumbing_job.py"
 PARTITIONS = 2
@@ -165,10 +166,10 @@ def kill(job: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def latest_checkpoint(checkpoints: Path) -> Path:
-    completed = [chk for chk in checkpoints.glob("*/chk-*") if (chk / "_metadata").is_file()]
-    assert completed, f"no retained checkpoint under {checkpoints}"
-    return max(completed, key=lambda chk: int(chk.name.removeprefix("chk-")))
+def retained_checkpoint(checkpoints: Path) -> Path:
+    latest = latest_checkpoint(checkpoints)
+    assert latest is not None, f"no retained checkpoint under {checkpoints}"
+    return latest
 
 
 def check_exactly_once(table: Table) -> pa.Table:
@@ -257,7 +258,7 @@ def test_restart_from_latest_checkpoint_after_a_crash_loses_and_repeats_nothing(
 
     restored = start_job(
         job_runtime, kafka_broker, topic, home, tmp_path, log,
-        restore_from=latest_checkpoint(tmp_path / "checkpoints"),
+        restore_from=retained_checkpoint(tmp_path / "checkpoints"),
     )
     try:
         # A bounded Kafka source restored from a checkpoint reads up to its stopping offsets but
