@@ -198,7 +198,7 @@ def freshness(bootstrap: str, topic: str, home: Path, rate: int, seconds: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)

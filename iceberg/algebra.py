@@ -97,11 +97,14 @@ class KeyTransaction:
         self.applied = 0
         self.duplicates = 0
 
-    def apply(self, assertion: Assertion) -> str | None:
-        """Apply one assertion; returns the reason when the algebra refuses it (then nothing changed)."""
-        digest = None
+    def apply(self, assertion: Assertion, digest: str | None = None) -> str | None:
+        """Apply one assertion; returns the reason when the algebra refuses it (then nothing changed).
+
+        ``digest``: the assertion's :meth:`~Assertion.digest`, when the caller took it already (the
+        stream job takes it from the typed payload, then carries the payload as text)."""
         if assertion.event_id is not None:
-            digest = assertion.digest()
+            if digest is None:
+                digest = assertion.digest()
             seen = self.state.events.get(assertion.event_id)
             if seen is not None:
                 if seen == digest:
@@ -110,6 +113,8 @@ class KeyTransaction:
                 return f"event_id {assertion.event_id!r} was already used with different content"
             self.state.events[assertion.event_id] = digest
             self._applied_events.append((assertion.event_id, digest))
+        else:
+            digest = None
         _apply(self.state.segments, assertion, digest, self.t, self._closed)
         self.applied += 1
         return None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import marshal
 import os
 import pickle
 import subprocess
@@ -37,73 +38,83 @@ import tempfile
 import time
 import urllib.request
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pyflink.common import Configuration, Row, Types
-from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext, StreamExecutionEnvironment
 from pyflink.common.time import Time
-from pyflink.datastream.state import StateTtlConfig, ValueState, ValueStateDescriptor
+from pyflink.datastream import DataStream, KeyedProcessFunction, OutputTag, RuntimeContext, StreamExecutionEnvironment
+from pyflink.datastream.state import MapState, MapStateDescriptor, StateTtlConfig, ValueState, ValueStateDescriptor
 from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
 from chronolake.iceberg.algebra import KeyState
-from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, QUARANTINE_SUFFIX, Column, DatasetSpec
+from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, QUARANTINE_SUFFIX, DatasetSpec
 from chronolake.streaming.catalog import catalog_properties, with_clause
-from chronolake.streaming.sources import KAFKA, KINESIS, RECORDS_QUERY, SOURCES, KafkaSource, KinesisSource, record_source
+from chronolake.streaming.sources import KAFKA, KINESIS, RECORDS_QUERY, SOURCES, KafkaSource, KinesisSource
 from chronolake.streaming.transactions import (
+    EV_DATASET,
+    EV_ENTITY,
+    EV_RAW,
     UNROUTED_QUARANTINE,
+    ClockStage,
     EntityTimeline,
-    EventRouter,
-    Routed,
     SinkRow,
     StateCodec,
+    TimelineStage,
+    bundle_records,
+    entity_id,
     insert_sql,
-    quarantine_row,
-    record_text,
-    remember_event_ids,
+    micros_columns,
     stable_system_time,
-    system_time,
 )
 
 CATALOG = "chronolake"
 MAX_PARALLELISM = 128
+#: Key buckets of the entity-timeline operator: a key's state lives under `key_bucket(entity)`.
+#: Part of the state layout: changing it strands every key's state (like the operator uids).
+KEY_BUCKETS = MAX_PARALLELISM
+#: A bundle (`io.chronolake.flink.RecordBundler`) leaves after this many records or payload bytes,
+#: or this many milliseconds, and always before a checkpoint barrier.
+BUNDLE_RECORDS = 5000
+BUNDLE_BYTES = 8 << 20
+BUNDLE_MS = 100
+#: Keys whose decoded state the entity-timeline operator keeps beside RocksDB (per subtask), besides
+#: those changed since the last checkpoint.
+DECODED_KEYS = 50_000
 
-# Between the Python operators rows travel positionally (thread mode drops field names).
-CLOCKED = Types.ROW(
-    [Types.STRING(), Types.STRING(), Types.LONG(), Types.INT(), Types.STRING(), Types.STRING()]
-)  # dataset, entity key text, t, partition, position (offset or sequence number), body
+# Rows crossing between operators (thread mode drops field names, so they are positional).
+BUNDLE = Types.ROW(
+    [Types.INT(), Types.STRING(), Types.STRING(), Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE())]
+)  # partition, positions, log times, payload lengths, payloads (a checkpoint mark: no positions)
+EVENTS = Types.ROW([Types.INT(), Types.PRIMITIVE_ARRAY(Types.BYTE())])  # key bucket, marshal of events ("" = mark)
 TICK = Types.ROW([Types.INT(), Types.LONG()])  # partition, t
 TICK_TAG = OutputTag("ticks", TICK)
-#: A partition's high-water mark goes to the stable-time operator at most this often (and always
-#: after the records it covers), not once per record.
-TICK_MS = 200
-#: Keys whose decoded state the entity-timeline operator keeps beside RocksDB (per subtask).
-DECODED_KEYS = 20_000
+ROWS = Types.ROW_NAMED(["rows"], [Types.STRING()])  # a JSON array of one table's rows (`io.chronolake.flink.JsonRows`)
+_MARK = b""
 
 
 def table_tags(specs: dict[str, str]) -> dict[str, OutputTag]:
-    """One side output per Iceberg table, typed as the table's columns (all text: `insert_sql` casts).
-    Every operator sends each row straight to its table's side output: no routing stage after it."""
-    tables: dict[str, Sequence[Column]] = {}
-    for name, text in sorted(specs.items()):
-        tables[name] = DatasetSpec.from_json(name, text).table_columns()
-        tables[name + QUARANTINE_SUFFIX] = QUARANTINE_COLUMNS
-    tables[UNROUTED_QUARANTINE] = QUARANTINE_COLUMNS
-    return {
-        table: OutputTag(f"table-{table}", Types.ROW_NAMED([c.name for c in columns], [Types.STRING()] * len(columns)))
-        for table, columns in tables.items()
-    }
+    """One side output per Iceberg table, carrying JSON bundles of its rows."""
+    tables = {name: DatasetSpec.from_json(name, text).table_columns() for name, text in sorted(specs.items())}
+    names = [*tables, *(name + QUARANTINE_SUFFIX for name in tables), UNROUTED_QUARANTINE]
+    return {table: OutputTag(f"table-{table}", ROWS) for table in sorted(names)}
 
 
-def _tagged(tags: dict[str, OutputTag], row: SinkRow) -> tuple[OutputTag, Row]:
-    return tags[row.target], Row(*row.values)
+def _table_bundles(tags: dict[str, OutputTag], rows: list[SinkRow]) -> Iterator[tuple[OutputTag, Row]]:
+    """`rows` as one JSON bundle per table."""
+    by_table: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        by_table.setdefault(row.target, []).append(row.values)
+    for table, values in by_table.items():
+        yield tags[table], Row(json.dumps(values, allow_nan=False))
 
 
 class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
-    """Keyed by source partition: assigns each record its system time in partition order, then
-    validates it. The last t lives in keyed state, so a replay from a checkpoint assigns the same t."""
+    """Keyed by source partition, one bundle of its records at a time (`ClockStage`): system times
+    in partition order, validation, quarantine rows; valid events leave grouped by key bucket. The
+    last t lives in keyed state, so a replay from a checkpoint assigns the same t."""
 
     def __init__(self, specs: dict[str, str], source: str, max_event_bytes: int, tags: dict[str, OutputTag]) -> None:
         self.specs = specs
@@ -111,76 +122,66 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
         self.max_event_bytes = max_event_bytes
         self.tags = tags
         self.last_t: ValueState | None = None
-        self.router: EventRouter | None = None
-        self.tick_due: dict[int, int] = {}  # partition -> the tick timer already registered
+        self.stage: ClockStage | None = None
+        self.sent: set[int] = set()  # buckets sent events since the last checkpoint mark
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self.last_t = runtime_context.get_state(ValueStateDescriptor("last_system_time_us", Types.LONG()))
         specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
-        self.router = EventRouter(specs, self.max_event_bytes)
+        self.stage = ClockStage(specs, self.source, self.max_event_bytes, KEY_BUCKETS)
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
-        assert self.last_t is not None and self.router is not None
-        partition, position, log_time_ms = int(value[1]), str(value[2]), int(value[3])
-        t = system_time(log_time_ms, self.last_t.value())
-        self.last_t.update(t)
-        source, line = record_source(self.source, partition, position)
-        raw, undecodable = record_text(value[0])
-        routed = (
-            quarantine_row(UNROUTED_QUARANTINE, source, line, undecodable, raw, t)
-            if undecodable is not None
-            else self.router.route(raw, source, line, t)
+        assert self.last_t is not None and self.stage is not None
+        partition, positions, log_times, lengths, payloads = value
+        if not positions:
+            # A checkpoint mark: every bucket this operator sent events to writes its states now.
+            for bucket in sorted(self.sent):
+                yield Row(bucket, _MARK)
+            self.sent.clear()
+            return
+        last, events, rows = self.stage.run(
+            partition, self.last_t.value(), bundle_records(positions, log_times, lengths, bytes(payloads))
         )
-        if isinstance(routed, Routed):
-            yield Row(routed.dataset, routed.entity, t, partition, position, raw)
-        else:
-            yield _tagged(self.tags, routed)
-        # The partition's mark goes out on a timer at the next TICK_MS boundary: after this record,
-        # at most once per boundary (Flink keeps one timer per key and time; restored with the state).
-        due = (ctx.timer_service().current_processing_time() // TICK_MS + 1) * TICK_MS
-        if self.tick_due.get(partition) != due:
-            ctx.timer_service().register_processing_time_timer(due)
-            self.tick_due[partition] = due
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterable[Any]:
-        assert self.last_t is not None
-        t = self.last_t.value()
-        if t is not None:
-            yield TICK_TAG, Row(int(ctx.get_current_key()), t)
+        self.last_t.update(last)
+        for bucket, bucket_events in events.items():
+            yield Row(bucket, marshal.dumps(bucket_events, 4))
+        self.sent.update(events)
+        yield from _table_bundles(self.tags, rows)
+        # The partition's high-water mark, after the records it covers.
+        yield TICK_TAG, Row(partition, last)
 
 
 class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
-    """Keyed by (dataset, key): the key's `KeyState` in RocksDB, one transaction per record.
+    """Keyed by key bucket: the bucket's keys' `KeyState`s in a RocksDB map state (entity -> text),
+    one transaction per event (`TimelineStage`). States changed since the last checkpoint mark are
+    kept decoded in memory and written at the next mark, which reaches this operator before the
+    checkpoint barrier does.
 
     A key the state has never known starts from the table's state at launch (the bootstrap file).
-    With a state TTL (`state_ttl_ms`), a key idle that long loses its state; a `key_known` flag
+    With a state TTL (`state_ttl_ms`), a key idle that long loses its state; a `known` flag
     without TTL remembers that it existed, and its next record reads the key's state from the table
     through the lookup service (`chronolake.streaming.lookup`) instead: the table is the truth.
     """
 
     def __init__(
-        self, specs: dict[str, str], source: str, bootstrap: str, tags: dict[str, OutputTag], event_id_ttl_us: int,
+        self, specs: dict[str, str], bootstrap: str, tags: dict[str, OutputTag], event_id_ttl_us: int,
         state_ttl_ms: int = 0, lookup_url: str = "",
     ) -> None:
         self.specs = specs
         self.event_id_ttl_us = event_id_ttl_us
         self.state_ttl_ms = state_ttl_ms
         self.lookup_url = lookup_url
-        self.known: ValueState | None = None
-        self.source = source
         self.bootstrap_path = bootstrap
         self.tags = tags
-        self.state: ValueState | None = None
-        self.timelines: dict[str, EntityTimeline] = {}
+        self.states: MapState | None = None
+        self.known: MapState | None = None
+        self.stage: TimelineStage | None = None
         self.codecs: dict[str, StateCodec] = {}
-        self.bootstrap: dict[str, dict[Any, KeyState]] = {}
-        # Decoded states of recently used keys with the text they were stored as: a key whose
-        # RocksDB text is unchanged skips decoding (restored or rescaled state never matches).
-        self.decoded: dict[tuple[str, str], tuple[str, KeyState, dict[str, int]]] = {}
+        self.bootstrap: dict[str, KeyState] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
         # Text (`StateCodec`): thread mode fails to convert an empty BYTES state to Python.
-        descriptor = ValueStateDescriptor("key_state", Types.STRING())
+        descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.STRING())
         if self.state_ttl_ms > 0:
             descriptor.enable_time_to_live(
                 StateTtlConfig.new_builder(Time.milliseconds(self.state_ttl_ms))
@@ -188,44 +189,40 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
                 .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
                 .build()
             )
-            self.known = runtime_context.get_state(ValueStateDescriptor("key_known", Types.BOOLEAN()))
-        self.state = runtime_context.get_state(descriptor)
+            self.known = runtime_context.get_map_state(MapStateDescriptor("key_known", Types.STRING(), Types.BOOLEAN()))
+        self.states = runtime_context.get_map_state(descriptor)
         specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
-        self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
+        self.stage = TimelineStage(specs, self.event_id_ttl_us, DECODED_KEYS)
         self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
-        self.bootstrap = pickle.loads(Path(self.bootstrap_path).read_bytes()) if self.bootstrap_path else {}
+        if self.bootstrap_path:
+            typed: dict[str, dict[Any, KeyState]] = pickle.loads(Path(self.bootstrap_path).read_bytes())
+            self.bootstrap = {
+                entity_id(dataset, key): state for dataset, states in typed.items() for key, state in states.items()
+            }
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
-        assert self.state is not None
-        dataset, entity, t, partition, position, raw = value
-        timeline = self.timelines[dataset]
-        codec = self.codecs[dataset]
-        stored = self.state.value()
-        seen: dict[str, int] = {}
-        cache_key = (dataset, entity)
-        cached = self.decoded.pop(cache_key, None)
-        if stored is not None and cached is not None and cached[0] == stored:
-            state, seen = cached[1], cached[2]  # the text in RocksDB is the one this object was encoded to
-        elif stored is not None:
-            state, seen = codec.decode(stored)
-        elif self.known is not None and self.known.value():
-            state, seen = self._look_up(dataset, raw)  # expired by the state TTL: ask the table
-        else:
-            key = timeline.parser.parse(json.loads(raw)).key
-            state = self.bootstrap.get(dataset, {}).get(key) or KeyState()
-        if self.known is not None and stored is None:
-            self.known.update(True)
-        source, line = record_source(self.source, partition, position)
-        rows = timeline.apply(state, raw, source, line, t)
-        remember_event_ids(state, seen, t, self.event_id_ttl_us)
-        text = codec.encode(state, seen)
-        self.state.update(text)
-        self.decoded[cache_key] = (text, state, seen)
-        if len(self.decoded) > DECODED_KEYS:
-            del self.decoded[next(iter(self.decoded))]  # the least recently used
-        for row in rows:
-            yield _tagged(self.tags, row)
+        assert self.stage is not None and self.states is not None
+        bucket, blob = value
+        if not blob:
+            written = self.stage.flush(bucket)
+            if written:
+                self.states.put_all(written)
+                if self.known is not None:
+                    self.known.put_all(dict.fromkeys(written, True))
+            return
+        rows = self.stage.run(bucket, marshal.loads(bytes(blob)), self._load)
+        yield from _table_bundles(self.tags, rows)
 
+    def _load(self, event: tuple[Any, ...]) -> tuple[KeyState, dict[str, int]]:
+        assert self.states is not None
+        entity, dataset = event[EV_ENTITY], event[EV_DATASET]
+        stored = self.states.get(entity)
+        if stored is not None:
+            return self.codecs[dataset].decode(stored)
+        if self.known is not None and self.known.get(entity):
+            return self._look_up(dataset, event[EV_RAW])  # expired by the state TTL: ask the table
+        typed = self.bootstrap.get(entity)
+        return (KeyState(), {}) if typed is None else (self.codecs[dataset].texts.state(typed), {})
 
     def _look_up(self, dataset: str, raw: str) -> tuple[KeyState, dict[str, int]]:
         body = json.dumps({"dataset": dataset, "record": json.loads(raw)}).encode()
@@ -283,8 +280,7 @@ class StableTime(KeyedProcessFunction):  # type: ignore[misc]
         stable = stable_system_time(marks, seen, timestamp, self.partitions, self.idle_ms)
         if stable is not None and (progress["published"] is None or stable > progress["published"]):
             progress["published"] = stable
-            for timeline in self.timelines:
-                yield _tagged(self.tags, timeline.control(stable))
+            yield from _table_bundles(self.tags, [timeline.control(stable) for timeline in self.timelines])
         if marks and progress["published"] != max(marks.values()):
             # Not everything is published yet: idleness may still release it without new records.
             self._schedule(progress, ctx)
@@ -301,6 +297,9 @@ def build_configuration(args: argparse.Namespace) -> Configuration:
         "execution.checkpointing.incremental": "true",
         "execution.checkpointing.interval": f"{args.checkpoint_interval_ms} ms",
         "execution.checkpointing.mode": "EXACTLY_ONCE",
+        # Aligned barriers: the checkpoint marks that make the operators write their in-memory
+        # states into Flink state must reach them before the barrier (RecordBundler).
+        "execution.checkpointing.unaligned.enabled": "false",
         "execution.checkpointing.dir": Path(args.checkpoint_dir).resolve().as_uri(),
         "parallelism.default": str(args.parallelism),
         "pipeline.max-parallelism": str(MAX_PARALLELISM),
@@ -373,17 +372,24 @@ def run(args: argparse.Namespace) -> None:
     t_env.execute_sql(source.ddl())
     records = t_env.to_data_stream(t_env.sql_query(RECORDS_QUERY))
     tags = table_tags(specs)
+    jvm = get_gateway().jvm
+    bundles = DataStream(
+        records._j_data_stream.transform(
+            "record-bundler", BUNDLE.get_java_type_info(),
+            jvm.io.chronolake.flink.RecordBundler(BUNDLE_RECORDS, BUNDLE_BYTES, BUNDLE_MS),
+        ).uid("record-bundler")
+    )
     clocked = (
-        records.key_by(lambda r: r[1], key_type=Types.INT())
-        .process(PartitionClock(specs, source.name, args.max_event_bytes, tags), output_type=CLOCKED)
+        bundles.key_by(lambda r: r[0], key_type=Types.INT())
+        .process(PartitionClock(specs, source.name, args.max_event_bytes, tags), output_type=EVENTS)
         .uid("partition-clock")
         .name("partition-clock")
     )
     versions = (
-        clocked.key_by(lambda r: f"{r[0]}\x00{r[1]}", key_type=Types.STRING())
+        clocked.key_by(lambda r: r[0], key_type=Types.INT())
         .process(
             KeyTimeline(
-                specs, source.name, args.bootstrap, tags, args.event_id_ttl_hours * 3_600_000_000,
+                specs, args.bootstrap, tags, args.event_id_ttl_hours * 3_600_000_000,
                 state_ttl_ms=args.state_ttl_ms, lookup_url=start_lookup(args, plan) if args.state_ttl_ms > 0 else "",
             ),
             output_type=Types.INT(),
@@ -403,10 +409,15 @@ def run(args: argparse.Namespace) -> None:
     statements = t_env.create_statement_set()
     columns = {name: DatasetSpec.from_json(name, text).table_columns() for name, text in specs.items()}
     for index, (table, tag) in enumerate(sorted(tags.items())):
-        rows = clocked.get_side_output(tag).union(versions.get_side_output(tag), controls.get_side_output(tag))
+        table_columns = columns.get(table, QUARANTINE_COLUMNS)
+        bundled = clocked.get_side_output(tag).union(versions.get_side_output(tag), controls.get_side_output(tag))
+        unbundle = jvm.io.chronolake.flink.JsonRows(
+            _java_strings([c.name for c in table_columns]), _java_strings(list(micros_columns(table)))
+        )
+        rows = DataStream(bundled._j_data_stream.flatMap(unbundle).uid(f"rows-{table}").name(f"rows-{table}"))
         view = f"rows_{index}"
         t_env.create_temporary_view(view, t_env.from_data_stream(rows))
-        statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, columns.get(table, QUARANTINE_COLUMNS)))
+        statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, table_columns))
     result = statements.execute()
     if args.jobmanager:
         # Detached: the cluster runs the job; `chronolake stream` follows and cancels it over REST.
@@ -415,6 +426,14 @@ def run(args: argparse.Namespace) -> None:
         print(f"submitted job {job_id} to {args.jobmanager}")
         return
     result.wait()
+
+
+def _java_strings(values: list[str]) -> Any:
+    gateway = get_gateway()
+    array = gateway.new_array(gateway.jvm.String, len(values))
+    for index, value in enumerate(values):
+        array[index] = value
+    return array
 
 
 def start_lookup(args: argparse.Namespace, plan: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ class KeyStates:
             table.refresh()
             key = AssertionParser(table.spec).parse_key(record)
             state = table.load_state([key]).get(key)
-            return "" if state is None else StateCodec(table.spec).encode(state)
+            return "" if state is None else StateCodec(table.spec).encode_typed(state)
 
 
 def serve(home: Path, ready_file: Path, port: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""What the bitemporal job does with one Kafka record, without Flink: the pure core of `job.py`.
+"""What the bitemporal job does with its records, without Flink: the pure core of `job.py`.
 
 Imported by the job's Python functions inside the Flink mini-cluster (thread mode), so it uses only
 the standard library and the pure modules of `chronolake.iceberg` (algebra, parsing, dataset,
@@ -6,10 +6,16 @@ temporal). The tools env imports it too, for unit tests and for the SQL the job 
 
 Flow per record: `system_time` (per source partition, in partition order) -> `EventRouter.route`
 (decode, pick the dataset, validate with the shared `AssertionParser`; bad input becomes a
-quarantine row) -> `EntityTimeline.apply` (one `KeyTransaction` at `t` on the key's `KeyState`) ->
-rows of the twin-row layout, each a `SinkRow` addressed to one Iceberg table. Every value of a sink
-row is text (or None): thread mode converts only simple types, and Flink SQL casts the text to the
-table's column types (`insert_sql`).
+quarantine row; a good one becomes a `Routed` whose `event` is a plain tuple that crosses to the
+next operator as it is) -> `EntityTimeline.apply` (one `KeyTransaction` at `t` on the key's
+`KeyState`) -> rows of the twin-row layout, each a `SinkRow` addressed to one Iceberg table.
+
+Every value of a sink row is text (or None): Flink SQL casts the text to the table's column types
+(`insert_sql`). Payloads are turned into that text once, when an event is validated, and the job's
+key states hold them as text too (`StateCodec`): the algebra never looks inside a payload, so
+nothing is converted back and forth per record. Event digests are taken from the typed payload
+(`Assertion.digest`), exactly as a batch load takes them, so a redelivery is recognised whichever
+path stored the first delivery.
 """
 
 from __future__ import annotations
@@ -18,17 +24,23 @@ import base64
 import json
 import marshal
 import math
+import zlib
 import pickle
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 
-from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction, Segment
-from chronolake.iceberg.dataset import CONTROL, FILE, LEDGER_PREFIX, QUARANTINE_SUFFIX, Column, DatasetSpec
+from chronolake.iceberg.algebra import Assertion, Key, KeyChange, KeyState, KeyTransaction, Segment
+from chronolake.iceberg.dataset import (
+    CLOSED, CONTROL, EVENT, FILE, LEDGER_PREFIX, OPEN, QUARANTINE_SUFFIX, TIME_COLUMNS, Column, DatasetSpec,
+)
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
-from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
+from chronolake.iceberg.temporal import SENTINEL
+from chronolake.iceberg.twins import StoredRow, marker_row
+from chronolake.streaming.sources import record_source
 
 #: Where records go whose dataset cannot be known (broken JSON, no or an unknown `dataset`). The
 #: hyphen makes it a name no dataset can have (dataset names are letters, digits, underscores).
@@ -48,7 +60,6 @@ _ENVELOPE_FIELDS = frozenset({DATASET_FIELD, ORIGIN_FIELD, REJECTED_FIELD, RAW_F
 #: Longest record value applied; longer ones are quarantined with their first `RAW_KEPT` characters.
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 RAW_KEPT = 4096
-_TIMESTAMP_CACHE = 1 << 16
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -56,7 +67,8 @@ Text = str | None
 
 
 class SinkRow(NamedTuple):
-    """One row for one Iceberg table (`target` = table name in the job's namespace), all values text."""
+    """One row for one Iceberg table (`target` = table name in the job's namespace): every value
+    text or None, except the timestamps of `MICROS_COLUMNS`, which are microseconds (int)."""
 
     target: str
     values: tuple[Text, ...]
@@ -82,11 +94,23 @@ def quarantine_row(target: str, source: str, offset: int | None, reason: str, ra
     (`chronolake.streaming.sources.record_source`)."""
     kept = raw if len(raw) <= RAW_KEPT else raw[:RAW_KEPT]
     line = None if offset is None else str(offset)
-    return SinkRow(target, (source, None, line, reason, kept, sql_timestamp(t)))
+    return SinkRow(target, (source, None, line, reason, kept, t))
 
 
-def _sql_cast(name: str, column_type: str) -> str:
+#: Columns the job hands to Flink as microseconds (ints in Python, `Instant`s in Java) instead of
+#: text: the four times of a dataset table and the quarantine's system time.
+MICROS_COLUMNS = TIME_COLUMNS
+QUARANTINE_MICROS_COLUMNS = ("system_time",)
+
+
+def micros_columns(table: str) -> tuple[str, ...]:
+    return QUARANTINE_MICROS_COLUMNS if table.endswith(QUARANTINE_SUFFIX) else MICROS_COLUMNS
+
+
+def _sql_cast(name: str, column_type: str, micros: bool = False) -> str:
     quoted = f"`{name}`"
+    if micros:
+        return f"CAST({quoted} AS TIMESTAMP_LTZ(6))"  # an Instant (TIMESTAMP_LTZ(9)) of whole microseconds
     if column_type == "string":
         return quoted
     if column_type == "timestamp":
@@ -97,9 +121,10 @@ def _sql_cast(name: str, column_type: str) -> str:
 
 
 def insert_sql(catalog: str, namespace: str, table: str, view: str, columns: Sequence[Column]) -> str:
-    """`INSERT INTO` a table from a view of text columns with the same names."""
+    """`INSERT INTO` a table from a view of its columns (`micros_columns` as instants, the others text)."""
     names = ", ".join(f"`{c.name}`" for c in columns)
-    casts = ", ".join(_sql_cast(c.name, c.type) for c in columns)
+    micros = micros_columns(table)
+    casts = ", ".join(_sql_cast(c.name, c.type, c.name in micros) for c in columns)
     return f"INSERT INTO `{catalog}`.`{namespace}`.`{table}` ({names}) SELECT {casts} FROM `{view}`"
 
 
@@ -124,14 +149,30 @@ def _text(value: Any, column_type: str) -> Text:
     return str(value)
 
 
+#: Positions in `Routed.event`, the plain tuple (marshal-able) a valid record travels as.
+EV_DATASET, EV_ENTITY, EV_KEY, EV_OP, EV_FROM, EV_TO, EV_PAYLOAD, EV_ID, EV_DIGEST, EV_T, EV_SOURCE, EV_LINE, EV_RAW = range(13)
+
+
 @dataclass(frozen=True)
 class Routed:
-    """A record that parsed: its dataset, key and assertion, and the canonical key text to key by."""
+    """A record that parsed: its dataset, typed key and assertion, and `event`: the tuple
+    `(dataset, entity, key texts, op, valid_from, valid_to, payload texts, event_id, digest, t,
+    source, line, raw)` (positions `EV_*`), where `entity` is `dataset` NUL `repr(key)`, the state's
+    key, and `source`/`line` name the record in quarantine rows (a published file's own line)."""
 
     dataset: str
     key: Key
-    entity: str
     assertion: Assertion
+    event: tuple[Any, ...]
+
+    @property
+    def entity(self) -> str:
+        return self.event[EV_ENTITY]
+
+
+def entity_id(dataset: str, key: Key) -> str:
+    """The name of a key's state in the job: unique per dataset and key, the same in every run."""
+    return f"{dataset}\x00{key!r}"
 
 
 def record_text(value: bytes | None) -> tuple[str, str | None]:
@@ -151,6 +192,8 @@ class EventRouter:
     def __init__(self, specs: dict[str, DatasetSpec], max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.parsers = {name: AssertionParser(spec) for name, spec in specs.items()}
         self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
+        self.texts = {name: Texts(spec) for name, spec in specs.items()}
+        self._allowed = {name: parser.known_fields | _ENVELOPE_FIELDS for name, parser in self.parsers.items()}
         self.max_event_bytes = max_event_bytes
 
     def route(self, raw: str, source: str, offset: int | None, t: int) -> Routed | SinkRow:
@@ -186,14 +229,21 @@ class EventRouter:
             return self.timelines[dataset].ledger(sha256, t)
         parser = self.parsers[dataset]
         # As a batch load does: a misspelt field (`valid_too`) must not be silently ignored.
-        unknown = [name for name in record if name not in parser.known_fields and name not in _ENVELOPE_FIELDS]
-        if unknown:
+        if not self._allowed[dataset].issuperset(record):
+            unknown = [name for name in record if name not in self._allowed[dataset]]
             return quarantine_row(quarantine, source, offset, f"unknown field(s) {', '.join(map(str, unknown))}", raw, t)
         try:
             assertion = parser.parse(record)
         except InvalidAssertion as error:
             return quarantine_row(quarantine, source, offset, str(error), raw, t)
-        return Routed(dataset, assertion.key, repr(assertion.key), assertion)
+        texts = self.texts[dataset]
+        key, event_id = assertion.key, assertion.event_id
+        event = (
+            dataset, entity_id(dataset, key), texts.key(key), assertion.op, assertion.valid_from, assertion.valid_to,
+            texts.payload(assertion.payload), event_id, None if event_id is None else assertion.digest(), t,
+            source, offset, raw,
+        )
+        return Routed(dataset, key, assertion, event)
 
 
 def origin(record: dict[str, Any], source: str, offset: int | None) -> tuple[str, int | None]:
@@ -221,36 +271,82 @@ def _dataset_by_prefix(raw: str, parsers: dict[str, AssertionParser]) -> str | N
     return None
 
 
+class Texts:
+    """A dataset's typed key and payload values as the text of their sink columns (`_text`)."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self._key_types = tuple(c.type for c in spec.key)
+        self._payload_types = tuple(c.type for c in spec.columns)
+        # Columns whose value is its own text (a str, or None): passed through as they are.
+        self._plain_payload = all(kind == "string" for kind in self._payload_types)
+        self._plain_key = all(kind == "string" for kind in self._key_types)
+
+    def key(self, key: Key) -> tuple[Text, ...]:
+        return key if self._plain_key else tuple(map(_text, key, self._key_types))
+
+    def payload(self, payload: tuple[Any, ...]) -> tuple[Text, ...]:
+        return payload if self._plain_payload else tuple(map(_text, payload, self._payload_types))
+
+    def state(self, state: KeyState) -> KeyState:
+        """A key state with typed payloads (read from the table) as one with text payloads."""
+        new = tuple.__new__
+        payload = self.payload
+        segments = [new(Segment, (s[0], s[1], s[2], payload(s[3]), s[4], s[5])) for s in state.segments]
+        return KeyState(segments, dict(state.events))
+
+
+_SYSTEM_FROM = itemgetter(2)
+
+
 class EntityTimeline:
     """Applies one record (one transaction) to one key's state and gives the rows of its net effect."""
 
     def __init__(self, spec: DatasetSpec) -> None:
         self.spec = spec
         self.parser = AssertionParser(spec)
-        self._key_types = [c.type for c in spec.key]
-        self._payload_types = [c.type for c in spec.columns]
         self._quarantine = spec.name + QUARANTINE_SUFFIX
-        # Valid times repeat (days), and the rows of one transaction share t and the sentinel:
-        # formatting them was half of the per-record cost.
-        self._timestamps: dict[int, str] = {}
+        self._empty_key = (None,) * len(spec.key)
+        self._empty_payload = (None,) * len(spec.columns)
 
-    def apply(self, state: KeyState, raw: str, source: str, offset: int | None, t: int) -> list[SinkRow]:
-        """Mutates `state`. `raw` is re-parsed here: an `Assertion` (decimals, dates) does not cross
-        Flink's Python boundary, and parsing is deterministic, so both stages see the same assertion."""
-        record = json.loads(raw)
-        assertion = self.parser.parse(record)
-        source, offset = origin(record, source, offset)
-        latest = max((s.system_from for s in state.segments), default=None)
+    def apply(self, state: KeyState, seen: dict[str, int], event: tuple[Any, ...], ttl_us: int) -> list[SinkRow]:
+        """Applies `event` (`Routed.event`) at its t; mutates `state` (text payloads) and `seen`
+        (when each remembered event id was applied: `remember_event_ids`)."""
+        t = event[EV_T]
+        segments = state.segments
+        latest = max(map(_SYSTEM_FROM, segments)) if segments else None
         if latest is not None and t <= latest:
             # Only another writer (a batch load with a later clock) can cause this; the algebra
             # needs t after every version it closes, so the record is kept aside, not misapplied.
             reason = f"system time {sql_timestamp(t)} is not after the key's latest version {sql_timestamp(latest)}"
-            return [quarantine_row(self._quarantine, source, offset, reason, raw, t)]
-        transaction = KeyTransaction(state, t)
-        refused = transaction.apply(assertion)
-        if refused is not None:
-            return [quarantine_row(self._quarantine, source, offset, refused, raw, t)]
-        return [self._sink(row) for row in change_rows(assertion.key, transaction.finish(), t)]
+            rows = [self._refused(event, reason)]
+            applied = None
+        else:
+            assertion = tuple.__new__(
+                Assertion, (None, event[EV_OP], event[EV_FROM], event[EV_TO], event[EV_PAYLOAD], event[EV_ID])
+            )
+            transaction = KeyTransaction(state, t)
+            refused = transaction.apply(assertion, event[EV_DIGEST])
+            applied = event[EV_ID] if transaction.applied else None
+            if refused is not None:
+                rows = [self._refused(event, refused)]
+            elif transaction.applied:
+                rows = self._rows(event[EV_KEY], transaction.finish(), t)
+            else:
+                rows = []  # a redelivery of an event id it already applied
+        remember_event_ids(state, seen, applied, t, ttl_us)
+        return rows
+
+    def _refused(self, event: tuple[Any, ...], reason: str) -> SinkRow:
+        return quarantine_row(self._quarantine, event[EV_SOURCE], event[EV_LINE], reason, event[EV_RAW], event[EV_T])
+
+    def _rows(self, key: tuple[Text, ...], change: KeyChange, t: int) -> list[SinkRow]:
+        """`chronolake.iceberg.twins.change_rows`, as sink rows: closed twins, opened versions, markers."""
+        name = self.spec.name
+        rows = [SinkRow(name, (*key, *s[3], s[0], s[1], s[2], t, CLOSED, s[4], s[5])) for s in change.closed]
+        rows += [SinkRow(name, (*key, *s[3], s[0], s[1], s[2], SENTINEL, OPEN, s[4], s[5])) for s in change.opened]
+        if change.events:
+            rows += [self._sink(marker_row(None, t, EVENT, event_id, digest), key) for event_id, digest in change.events]
+        return rows
 
     def ledger(self, sha256: str, t: int) -> SinkRow:
         """The file-ledger row of a file published through the stream (`LEDGER_FIELD`)."""
@@ -260,62 +356,51 @@ class EntityTimeline:
         """The row that publishes the dataset's stable system time (`system_from` = stable)."""
         return self._sink(marker_row(None, stable, CONTROL))
 
-    def _sink(self, row: StoredRow) -> SinkRow:
-        """A stored row (`chronolake.iceberg.twins`) as the text values of the table's columns."""
-        key = row.key or (None,) * len(self._key_types)
-        payload = row.payload or (None,) * len(self._payload_types)
-        cache = self._timestamps
-        if len(cache) > _TIMESTAMP_CACHE:
-            cache.clear()
-        times = []
-        for v in row[2:6]:
-            if v is None:
-                times.append(None)
-            elif (text := cache.get(v)) is not None:
-                times.append(text)
-            else:
-                times.append(cache.setdefault(v, sql_timestamp(v)))
-        values = (
-            *(_text(v, kind) for v, kind in zip(key, self._key_types)),
-            *(_text(v, kind) for v, kind in zip(payload, self._payload_types)),
-            *times,
-            row.row_kind,
-            row.event_id,
-            row.event_digest,
-        )
+    def _sink(self, row: StoredRow, key: tuple[Text, ...] | None = None) -> SinkRow:
+        """A marker row (`chronolake.iceberg.twins.marker_row`: no payload, no valid time) as text."""
+        values = (*(key or self._empty_key), *self._empty_payload, *row[2:6], row.row_kind, row.event_id, row.event_digest)
         return SinkRow(self.spec.name, values)
 
 
 class StateCodec:
-    """A key's `KeyState` as the text the job keeps in RocksDB, and back.
+    """A key's `KeyState` (payloads as text, `Texts`) as the text the job keeps in RocksDB, and back.
 
-    `marshal` of plain tuples (decimals as text, dates as ordinals) behind a format tag, base64:
-    about 8x cheaper both ways than pickling `Segment` named tuples holding `Decimal` objects, which
-    was the largest per-record cost of the job. Text without the tag is a pickle (the first format),
-    still read.
+    `marshal` of plain tuples behind a format tag, base64. Older formats are still read: `M1:`
+    (typed payloads with decimals as text and dates as ordinals) and untagged pickles; their
+    payloads are turned into text on the way.
     """
 
-    TAG = "M1:"
+    TAG = "M2:"
+    _TYPED = "M1:"
 
     def __init__(self, spec: DatasetSpec) -> None:
+        self.texts = Texts(spec)
         self._decimals = tuple(i for i, c in enumerate(spec.columns) if c.type.startswith("decimal"))
         self._dates = tuple(i for i, c in enumerate(spec.columns) if c.type == "date")
 
-    def _plain(self, payload: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not self._decimals and not self._dates:
-            return payload
-        values = list(payload)
-        for i in self._decimals:
-            if values[i] is not None:
-                values[i] = str(values[i])
-        for i in self._dates:
-            if values[i] is not None:
-                values[i] = values[i].toordinal()
-        return tuple(values)
+    def encode(self, state: KeyState, seen: dict[str, int] | None = None) -> str:
+        """`state` with text payloads; `seen`: when each remembered event id was applied."""
+        segments = [tuple(s) for s in state.segments]
+        return self.TAG + base64.b64encode(marshal.dumps((segments, state.events, seen or {}), 4)).decode("ascii")
+
+    def encode_typed(self, state: KeyState) -> str:
+        """A state read from the table (typed payloads), as `encode` writes it."""
+        return self.encode(self.texts.state(state))
+
+    def decode(self, text: str) -> tuple[KeyState, dict[str, int]]:
+        new = tuple.__new__
+        if text.startswith(self.TAG):
+            segments, events, seen = marshal.loads(base64.b64decode(text[len(self.TAG):]))
+            return KeyState([new(Segment, s) for s in segments], events), seen
+        if text.startswith(self._TYPED):
+            segments, events, seen = marshal.loads(base64.b64decode(text[len(self._TYPED):]))
+            typed = self._typed
+            state = KeyState([new(Segment, (s[0], s[1], s[2], typed(s[3]), s[4], s[5])) for s in segments], events)
+            return self.texts.state(state), seen
+        legacy: KeyState = pickle.loads(base64.b64decode(text))
+        return self.texts.state(legacy), {}
 
     def _typed(self, payload: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not self._decimals and not self._dates:
-            return payload
         values = list(payload)
         for i in self._decimals:
             if values[i] is not None:
@@ -325,36 +410,141 @@ class StateCodec:
                 values[i] = date.fromordinal(values[i])
         return tuple(values)
 
-    def encode(self, state: KeyState, seen: dict[str, int] | None = None) -> str:
-        """`seen`: when each remembered event id was applied (`remember_event_ids`)."""
-        plain = self._plain
-        segments = [(s[0], s[1], s[2], plain(s[3]), s[4], s[5]) for s in state.segments]
-        return self.TAG + base64.b64encode(marshal.dumps((segments, state.events, seen or {}), 4)).decode("ascii")
 
-    def decode(self, text: str) -> tuple[KeyState, dict[str, int]]:
-        if not text.startswith(self.TAG):
-            legacy: KeyState = pickle.loads(base64.b64decode(text))
-            return legacy, {}
-        segments, events, seen = marshal.loads(base64.b64decode(text[len(self.TAG):]))
-        typed = self._typed
-        new = tuple.__new__
-        return KeyState([new(Segment, (s[0], s[1], s[2], typed(s[3]), s[4], s[5])) for s in segments], events), seen
-
-
-def remember_event_ids(state: KeyState, seen: dict[str, int], t: int, ttl_us: int) -> None:
+def remember_event_ids(state: KeyState, seen: dict[str, int], applied: str | None, t: int, ttl_us: int) -> None:
     """Bounded dedup state: an event id is remembered for `ttl_us` of system time after the
-    transaction that applied it (or, for ids the key's state already had, after the first
-    transaction that found them); then it is forgotten, and a redelivery of it after that would be
-    applied as a new event. System time, not the wall clock: a replay from a checkpoint forgets
-    exactly what the first run forgot. Mutates both."""
+    transaction that applied it (`applied`, or, for ids the key's state already had without a time,
+    after the first transaction that found them); then it is forgotten, and a redelivery of it
+    after that would be applied as a new event. System time, not the wall clock: a replay from a
+    checkpoint forgets exactly what the first run forgot. Mutates both.
+
+    `seen` is kept in the order ids were remembered, which is the order of their times (t only
+    grows per key), so expiry looks only at its oldest entries."""
     events = state.events
-    for event_id in events.keys() - seen.keys():
-        seen[event_id] = t
+    if len(seen) != len(events) - (applied is not None):
+        for event_id in events.keys() - seen.keys():
+            seen[event_id] = t
+    elif applied is not None:
+        seen[applied] = t
     horizon = t - ttl_us
-    expired = [event_id for event_id, at in seen.items() if at <= horizon]
-    for event_id in expired:
+    while seen:
+        event_id, at = next(iter(seen.items()))
+        if at > horizon:
+            break
         del seen[event_id]
         events.pop(event_id, None)
+
+
+def bundle_records(positions: str, log_times: str, lengths: str, payloads: bytes) -> Iterator[tuple[str, int, bytes]]:
+    """The records of one bundle (`io.chronolake.flink.RecordBundler`): (position, log time ms,
+    payload bytes) in the order the source delivered them."""
+    end = 0
+    for position, log_time, length in zip(positions.split(","), log_times.split(","), lengths.split(",")):
+        start, end = end, end + int(length)
+        yield position, int(log_time), payloads[start:end]
+
+
+def key_bucket(entity: str, buckets: int) -> int:
+    """The bucket a key's state lives under: stable across runs and processes (not `hash`)."""
+    return zlib.crc32(entity.encode("utf-8", "surrogatepass")) % buckets
+
+
+class ClockStage:
+    """The partition clock over one bundle of a partition's records: system times in order,
+    validation, quarantine rows, and the valid events grouped by key bucket."""
+
+    def __init__(self, specs: dict[str, DatasetSpec], source: str, max_event_bytes: int, buckets: int) -> None:
+        self.router = EventRouter(specs, max_event_bytes)
+        self.source = source
+        self.buckets = buckets
+
+    def run(
+        self, partition: int, last_t: int | None, records: Iterable[tuple[str, int, bytes]]
+    ) -> tuple[int | None, dict[int, list[tuple[Any, ...]]], list[SinkRow]]:
+        """(the partition's last t, events by bucket in partition order, rows for the tables)."""
+        route, source_name, buckets = self.router.route, self.source, self.buckets
+        events: dict[int, list[tuple[Any, ...]]] = {}
+        rows: list[SinkRow] = []
+        for position, log_time_ms, payload in records:
+            t = log_time_ms * 1000
+            if last_t is not None and t <= last_t:
+                t = last_t + 1
+            last_t = t
+            source, line = record_source(source_name, partition, position)
+            raw, undecodable = record_text(payload)
+            routed = (
+                quarantine_row(UNROUTED_QUARANTINE, source, line, undecodable, raw, t)
+                if undecodable is not None
+                else route(raw, source, line, t)
+            )
+            if type(routed) is Routed:
+                event = routed.event
+                bucket = key_bucket(event[EV_ENTITY], buckets)
+                found = events.get(bucket)
+                if found is None:
+                    events[bucket] = [event]
+                else:
+                    found.append(event)
+            else:
+                rows.append(routed)  # type: ignore[arg-type]
+        return last_t, events, rows
+
+
+class TimelineStage:
+    """The keys' timelines over the events of one key bucket: one transaction per event, in order.
+
+    `load(event)` gives the state of a key this stage does not hold (from RocksDB, the launch
+    bootstrap or the table). Decoded states stay in memory, the last `cache_keys` used and every
+    one changed since its bucket was last flushed: this stage wrote them, and a restored or
+    rescaled job opens a new stage, so they are exactly what RocksDB holds or will hold.
+    Changed states are encoded once per checkpoint, by `flush(bucket)`, not once per event."""
+
+    def __init__(self, specs: dict[str, DatasetSpec], event_id_ttl_us: int, cache_keys: int) -> None:
+        self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
+        self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
+        self.ttl_us = event_id_ttl_us
+        self.cache_keys = cache_keys
+        #: entity -> (dataset, state, seen), least recently used first.
+        self.cache: dict[str, tuple[str, KeyState, dict[str, int]]] = {}
+        self.changed: dict[int, set[str]] = {}  # bucket -> entities changed since its last flush
+        self._changed_all: set[str] = set()
+
+    def run(
+        self,
+        bucket: int,
+        events: Iterable[tuple[Any, ...]],
+        load: Callable[[tuple[Any, ...]], tuple[KeyState, dict[str, int]]],
+    ) -> list[SinkRow]:
+        """The rows of the events' transactions, for the tables."""
+        cache, timelines, ttl = self.cache, self.timelines, self.ttl_us
+        rows: list[SinkRow] = []
+        changed = self.changed.setdefault(bucket, set())
+        for event in events:
+            entity = event[EV_ENTITY]
+            entry = cache.pop(entity, None)
+            if entry is None:
+                entry = (event[EV_DATASET], *load(event))
+            cache[entity] = entry  # most recently used last
+            rows += timelines[entry[0]].apply(entry[1], entry[2], event, ttl)
+            changed.add(entity)
+        self._changed_all |= changed
+        while len(cache) > self.cache_keys:
+            oldest = next(iter(cache))
+            if oldest in self._changed_all:
+                break  # the rest are recent; they leave once flushed
+            del cache[oldest]
+        return rows
+
+    def flush(self, bucket: int) -> dict[str, str]:
+        """{entity: state text} of the bucket's keys changed since its last flush."""
+        entities = self.changed.pop(bucket, set())
+        self._changed_all -= entities
+        codecs, cache = self.codecs, self.cache
+        out = {}
+        for entity in entities:
+            dataset, state, seen = cache[entity]
+            out[entity] = codecs[dataset].encode(state, seen)
+        return out
 
 
 def stable_system_time(
