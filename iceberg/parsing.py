@@ -6,6 +6,7 @@ is accepted or quarantined for the same reason whichever way it arrives.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -19,6 +20,7 @@ OP = "op"
 _TRUE = frozenset({"true", "t", "1", "yes", "y"})
 _FALSE = frozenset({"false", "f", "0", "no", "n"})
 _CACHE_LIMIT = 200_000
+_DECIMAL_TYPE = re.compile(r"^decimal\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
 class InvalidAssertion(ValueError):
@@ -43,6 +45,12 @@ class AssertionParser:
         self._timestamps: dict[str, int] = {}
         self._key = [(c.name, self._converter(c)) for c in spec.key]
         self._payload = [(c.name, self._converter(c)) for c in spec.columns]
+        # `_parse_plain`: key columns that are strings; payload converters, with (precision, scale)
+        # for decimals.
+        self._plain_key = [(c.name, c.type == "string") for c in spec.key]
+        self._plain_payload = [
+            (name, convert, _decimal_shape(column)) for (name, convert), column in zip(self._payload, spec.columns)
+        ]
         self.known_fields = frozenset(
             [*spec.key_names, *spec.payload_names, VALID_FROM, VALID_TO, OP, EVENT_ID]
         )
@@ -53,6 +61,70 @@ class AssertionParser:
         Checks run in a fixed order (key, op, valid_from, valid_to, the range, payload columns in
         declaration order, event_id) so that every path reports the same reason for the same record.
         """
+        fast = self._parse_plain(record)
+        return self.parse_checked(record) if fast is None else fast
+
+    def _parse_plain(self, record: Mapping[str, Any]) -> Assertion | None:
+        """The assertion of a record whose every value has the plain, valid shape of most input
+        (non-blank string keys, an upsert or delete, timestamps this parser has parsed before,
+        decimals as text within the column's scale and precision...), in a few dictionary lookups;
+        None for anything else, which `parse_checked` then decides. Never a different assertion
+        (tests/iceberg/test_parsing_fast_path.py)."""
+        get = record.get
+        key = []
+        for name, plain in self._plain_key:
+            value = get(name)
+            if type(value) is not str or not plain or not value.strip():
+                return None
+            key.append(value)
+        op = get(OP)
+        if op is None:
+            op = UPSERT
+        elif op not in OPS:
+            return None
+        cache = self._timestamps
+        valid_from = cache.get(get(VALID_FROM)) if type(get(VALID_FROM)) is str else None
+        if valid_from is None or valid_from >= SENTINEL:
+            return None
+        raw_to = get(VALID_TO)
+        if raw_to is None:
+            valid_to = None
+        else:
+            valid_to = cache.get(raw_to) if type(raw_to) is str else None
+            if valid_to is None or valid_to <= valid_from:
+                return None
+        payload = []
+        for name, convert, decimal in self._plain_payload:
+            value = get(name)
+            if value is None:
+                payload.append(None)
+            elif decimal is not None:
+                if type(value) is not str:
+                    return None
+                number = _plain_decimal(value, *decimal)
+                if number is None:
+                    return None
+                payload.append(number)
+            elif convert is _string:
+                if type(value) is not str:
+                    return None
+                payload.append(value)
+            else:
+                try:
+                    payload.append(convert(value, name))
+                except InvalidAssertion:
+                    return None
+        event_id = get(EVENT_ID)
+        if event_id is not None:
+            if type(event_id) is not str:
+                return None
+            event_id = event_id.strip()
+            if not event_id:
+                return None
+        return Assertion(tuple(key), op, valid_from, valid_to, tuple(payload), event_id)
+
+    def parse_checked(self, record: Mapping[str, Any]) -> Assertion:
+        """`parse` without its fast path: every check, in order."""
         key = self.parse_key(record)
         op = self.parse_op(record.get(OP))
         raw_from, raw_to = record.get(VALID_FROM), record.get(VALID_TO)
@@ -156,6 +228,28 @@ class AssertionParser:
         if _is_missing(value):
             return None
         return self._time(value, name)
+
+
+def _decimal_shape(column: Column) -> tuple[Decimal, Decimal] | None:
+    """(the quantum, the bound) of a decimal column: values are multiples of the quantum (10^-scale)
+    below the bound (10^(precision - scale)) in magnitude; None for other columns."""
+    match = _DECIMAL_TYPE.match(column.type)
+    if match is None:
+        return None
+    precision, scale = int(match[1]), int(match[2])
+    return Decimal(1).scaleb(-scale), Decimal(1).scaleb(precision - scale)
+
+
+def _plain_decimal(text: str, quantum: Decimal, bound: Decimal) -> Decimal | None:
+    """`coerce_decimal` of a text that needs no rounding and fits, else None."""
+    try:
+        number = Decimal(text)
+        quantized = number.quantize(quantum)
+    except (InvalidOperation, ValueError):
+        return None
+    if quantized != number or not -bound < quantized < bound:
+        return None
+    return quantized.copy_abs() if quantized.is_zero() else quantized
 
 
 def _wrong(name: str, expected: str, value: Any) -> InvalidAssertion:

@@ -34,6 +34,9 @@ def catalog_properties(home: Path) -> dict[str, str]:
         # the catalog tables before any job starts (the lake is opened first), so skip the check.
         # Measured: 3 threads x 100 concurrent commits, 200 failures with it, 0 without.
         "jdbc.init-catalog-tables": "false",
+        # Local files through java.nio instead of Hadoop's local file system, which forks `chmod`
+        # for every file it creates (streaming/java/io/chronolake/flink/LocalFileIO.java).
+        "io-impl": "io.chronolake.flink.LocalFileIO",
     }
 
 

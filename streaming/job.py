@@ -8,17 +8,27 @@ and the Python functions inside the mini-cluster import the pure `chronolake.ice
 Pipeline (operator uids in brackets; they must never change, or restored state maps to nothing):
 
     Kafka or Kinesis table source (value, partition, position, log time; see sources.py)
-    -> key by partition -> [partition-clock] t = max(log time, previous t + 1 us), then validate:
+    -> [record-bundler] (Java, streaming/java: no state) the records of each partition in bundles
+         of up to BUNDLE_RECORDS records, at least every BUNDLE_MS, and always before a checkpoint
+         barrier, followed then by a checkpoint mark per partition
+    -> key by partition -> [partition-clock] per bundle, in partition order: t = max(log time,
+         previous t + 1 us), then validation (`ClockStage`):
          bad records -> quarantine rows (side output of their table)
-         good ones   -> key by (dataset, key) -> [entity-timeline] one KeyTransaction at t on the
-                        key's KeyState (RocksDB) -> twin rows, event markers (side outputs)
-         every TICK_MS per partition, on a timer: (partition, t) -> key by nothing -> [stable-time]
-                        min over partitions of their high-water mark, published every
-                        --stable-interval-ms as a control row per dataset (side outputs)
-    -> per table: the union of its side outputs -> Flink SQL INSERT INTO the Iceberg table
+         good ones   -> grouped by key bucket (`key_bucket` of dataset and key, KEY_BUCKETS) ->
+                        key by bucket -> [entity-timeline] one KeyTransaction per event on the key's
+                        KeyState, kept in a RocksDB map state of the bucket (`TimelineStage`) ->
+                        twin rows, event markers (side outputs)
+         after each bundle: (partition, t) -> key by nothing -> [stable-time] min over partitions
+                        of their high-water mark, published every --stable-interval-ms as a control
+                        row per dataset (side outputs)
+    -> per table: the union of its side outputs (JSON bundles of rows) -> [rows-<table>] (Java,
+       `JsonRows`) one row per row -> Flink SQL INSERT INTO the Iceberg table
 
-Every Python operator sends a row straight to its table's typed side output, so a record crosses
-the Python boundary in two operators (and their key selectors), whatever the number of tables.
+Python is called once per bundle, not once per record: in thread mode each call into Python and
+each row handed back costs more than most of what the job does with a record. The key states a
+bundle changed stay decoded in the entity-timeline operator's memory and are written to RocksDB at
+the next checkpoint mark, which the bundler sends before every barrier (aligned checkpoints), so a
+checkpoint holds every state change of the records before it, each key's state written once.
 
 Each checkpoint is one Iceberg commit per table. A control row leaves the stable-time operator only
 after the records it covers have left the partition clock, so it is committed with them or later:
@@ -180,8 +190,8 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.bootstrap: dict[str, KeyState] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        # Text (`StateCodec`): thread mode fails to convert an empty BYTES state to Python.
-        descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.STRING())
+        # entity -> `StateCodec.dump` (never empty: thread mode fails to convert an empty BYTES value).
+        descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()))
         if self.state_ttl_ms > 0:
             descriptor.enable_time_to_live(
                 StateTtlConfig.new_builder(Time.milliseconds(self.state_ttl_ms))
@@ -218,7 +228,7 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         entity, dataset = event[EV_ENTITY], event[EV_DATASET]
         stored = self.states.get(entity)
         if stored is not None:
-            return self.codecs[dataset].decode(stored)
+            return self.codecs[dataset].load(bytes(stored))
         if self.known is not None and self.known.get(entity):
             return self._look_up(dataset, event[EV_RAW])  # expired by the state TTL: ask the table
         typed = self.bootstrap.get(entity)

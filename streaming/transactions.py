@@ -196,8 +196,10 @@ class EventRouter:
         self._allowed = {name: parser.known_fields | _ENVELOPE_FIELDS for name, parser in self.parsers.items()}
         self.max_event_bytes = max_event_bytes
 
-    def route(self, raw: str, source: str, offset: int | None, t: int) -> Routed | SinkRow:
-        size = len(raw.encode("utf-8", "surrogatepass"))
+    def route(self, raw: str, source: str, offset: int | None, t: int, size: int | None = None) -> Routed | SinkRow:
+        """`size`: the record's length in bytes, when the caller knows it."""
+        if size is None:
+            size = len(raw.encode("utf-8", "surrogatepass"))
         if size > self.max_event_bytes:
             # Too large to parse safely: route by a cheap look at the text, never by decoding it.
             found = _dataset_by_prefix(raw, self.parsers)
@@ -380,8 +382,17 @@ class StateCodec:
 
     def encode(self, state: KeyState, seen: dict[str, int] | None = None) -> str:
         """`state` with text payloads; `seen`: when each remembered event id was applied."""
-        segments = [tuple(s) for s in state.segments]
-        return self.TAG + base64.b64encode(marshal.dumps((segments, state.events, seen or {}), 4)).decode("ascii")
+        return self.TAG + base64.b64encode(self.dump(state, seen)).decode("ascii")
+
+    def dump(self, state: KeyState, seen: dict[str, int] | None = None) -> bytes:
+        """What `encode` writes, as bytes (the job's RocksDB map state holds these)."""
+        return marshal.dumps((list(map(tuple, state.segments)), state.events, seen or {}), 4)
+
+    def load(self, data: bytes) -> tuple[KeyState, dict[str, int]]:
+        """The state `dump` wrote."""
+        segments, events, seen = marshal.loads(data)
+        new = tuple.__new__
+        return KeyState([new(Segment, s) for s in segments], events), seen
 
     def encode_typed(self, state: KeyState) -> str:
         """A state read from the table (typed payloads), as `encode` writes it."""
@@ -390,8 +401,7 @@ class StateCodec:
     def decode(self, text: str) -> tuple[KeyState, dict[str, int]]:
         new = tuple.__new__
         if text.startswith(self.TAG):
-            segments, events, seen = marshal.loads(base64.b64decode(text[len(self.TAG):]))
-            return KeyState([new(Segment, s) for s in segments], events), seen
+            return self.load(base64.b64decode(text[len(self.TAG):]))
         if text.startswith(self._TYPED):
             segments, events, seen = marshal.loads(base64.b64decode(text[len(self._TYPED):]))
             typed = self._typed
@@ -471,12 +481,11 @@ class ClockStage:
                 t = last_t + 1
             last_t = t
             source, line = record_source(source_name, partition, position)
-            raw, undecodable = record_text(payload)
-            routed = (
-                quarantine_row(UNROUTED_QUARANTINE, source, line, undecodable, raw, t)
-                if undecodable is not None
-                else route(raw, source, line, t)
-            )
+            try:
+                routed = route(payload.decode("utf-8"), source, line, t, len(payload))
+            except UnicodeDecodeError:
+                raw, undecodable = record_text(payload)
+                routed = quarantine_row(UNROUTED_QUARANTINE, source, line, undecodable or "", raw, t)
             if type(routed) is Routed:
                 event = routed.event
                 bucket = key_bucket(event[EV_ENTITY], buckets)
@@ -535,15 +544,15 @@ class TimelineStage:
             del cache[oldest]
         return rows
 
-    def flush(self, bucket: int) -> dict[str, str]:
-        """{entity: state text} of the bucket's keys changed since its last flush."""
+    def flush(self, bucket: int) -> dict[str, bytes]:
+        """{entity: `StateCodec.dump`} of the bucket's keys changed since its last flush."""
         entities = self.changed.pop(bucket, set())
         self._changed_all -= entities
         codecs, cache = self.codecs, self.cache
         out = {}
         for entity in entities:
             dataset, state, seen = cache[entity]
-            out[entity] = codecs[dataset].encode(state, seen)
+            out[entity] = codecs[dataset].dump(state, seen)
         return out
 
 

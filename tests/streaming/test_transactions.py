@@ -53,10 +53,16 @@ def test_bad_records_are_routed_to_a_quarantine_with_a_reason() -> None:
         assert isinstance(routed, SinkRow), raw
         assert routed.target == table
         source, sha, line, text, kept, at = routed.values
-        assert (source, sha, line, at) == ("kafka:t/0@7", None, "7", sql_timestamp(5))
+        assert (source, sha, line, at) == ("kafka:t/0@7", None, "7", 5)
         assert text is not None and reason in text, (raw, text)
     good = router.route(event(), "kafka:t/0@8", 8, 6)
     assert isinstance(good, Routed) and good.key == ("a",)
+    # What crosses to the timeline operator: texts as the sink writes them, the typed digest.
+    decimal = EventRouter({"p": DatasetSpec("p", key=(Column("k", "long"),), columns=(Column("x", "decimal(18,6)"),))})
+    routed = decimal.route(json.dumps({"dataset": "p", "k": 7, "x": "1.5", "valid_from": "2024-01-01", "event_id": "e"}), "s", 1, 9)
+    assert isinstance(routed, Routed)
+    assert routed.event[2] == ("7",) and routed.event[6] == ("1.500000",)
+    assert routed.event[8] == routed.assertion.digest()
 
 
 def test_record_values_are_decoded_strictly() -> None:
@@ -68,23 +74,30 @@ def test_record_values_are_decoded_strictly() -> None:
     assert problem is not None and problem.startswith("not valid UTF-8") and "at byte 8" in problem
 
 
+ROUTER = EventRouter({"prices": SPEC})
+NEVER = 10**18  # an event-id TTL longer than any test
+
+
+def apply(timeline: EntityTimeline, state: KeyState, seen: dict[str, int], raw: str, t: int, line: int = 0, ttl: int = NEVER) -> list[SinkRow]:
+    routed = ROUTER.route(raw, "s", line, t)
+    assert isinstance(routed, Routed), routed
+    return timeline.apply(state, seen, routed.event, ttl)
+
+
 def test_one_record_writes_its_net_effect_as_twin_rows() -> None:
     timeline = EntityTimeline(SPEC)
-    state = KeyState()
-    first = timeline.apply(state, event(event_id="e1"), "s", 0, 10)
-    assert [(r.values[0], r.values[1], r.values[5], r.values[6]) for r in first] == [("a", "1", sql_timestamp(SENTINEL), "open")]
-    second = timeline.apply(state, event(x=2, valid_to="2024-01-02", event_id="e2"), "s", 1, 20)
+    state, seen = KeyState(), {}
+    first = apply(timeline, state, seen, event(event_id="e1"), 10)
+    assert [(r.values[0], r.values[1], r.values[5], r.values[6]) for r in first] == [("a", "1", SENTINEL, "open")]
+    second = apply(timeline, state, seen, event(x=2, valid_to="2024-01-02", event_id="e2"), 20, 1)
     kinds = sorted((r.values[6], r.values[1], r.values[4], r.values[5]) for r in second)
-    assert kinds == [
-        ("closed", "1", sql_timestamp(10), sql_timestamp(20)),
-        ("open", "1", sql_timestamp(20), sql_timestamp(SENTINEL)),
-        ("open", "2", sql_timestamp(20), sql_timestamp(SENTINEL)),
-    ]
-    assert timeline.apply(state, event(x=2, valid_to="2024-01-02", event_id="e2"), "s", 2, 30) == []
-    conflict = timeline.apply(state, event(x=3, event_id="e2"), "s", 3, 40)
+    assert kinds == [("closed", "1", 10, 20), ("open", "1", 20, SENTINEL), ("open", "2", 20, SENTINEL)]
+    assert apply(timeline, state, seen, event(x=2, valid_to="2024-01-02", event_id="e2"), 30, 2) == []
+    conflict = apply(timeline, state, seen, event(x=3, event_id="e2"), 40, 3)
     assert [r.target for r in conflict] == ["prices__quarantine"]
-    deleted = timeline.apply(state, event(op="delete", event_id="e3"), "s", 4, 50)
+    deleted = apply(timeline, state, seen, event(op="delete", event_id="e3"), 50, 4)
     assert sorted(r.values[6] for r in deleted) == ["closed", "closed", "event"]
+    assert list(seen) == ["e1", "e2", "e3"] and seen["e3"] == 50
 
 
 def test_stable_time_is_the_slowest_partition_unless_it_is_idle() -> None:
@@ -109,19 +122,20 @@ def test_published_file_rows_name_their_file_and_line_and_the_ledger_event_write
     sha = "ab" * 32
     ledger = router.route(json.dumps({"dataset": "prices", "@ledger": {"sha256": sha}}), "s", 9, 7)
     assert isinstance(ledger, SinkRow) and ledger.target == "prices"
-    assert ledger.values[4] == sql_timestamp(7) and ledger.values[6:8] == ("file", f"sha256:{sha}")
+    assert ledger.values[4] == 7 and ledger.values[6:8] == ("file", f"sha256:{sha}")
     broken = router.route(json.dumps({"dataset": "prices", "@ledger": {"sha256": "nope"}}), "s", 9, 7)
     assert isinstance(broken, SinkRow) and broken.target == "prices__quarantine"
     # A refusal after routing (a reused event id with other content) names the file and line too.
     timeline = EntityTimeline(SPEC)
-    state = KeyState()
-    assert timeline.apply(state, event(event_id="e1", **origin), "s", 0, 10)
-    conflict = timeline.apply(state, event(x=2, event_id="e1", **origin), "s", 1, 20)
+    state, seen = KeyState(), {}
+    assert apply(timeline, state, seen, event(event_id="e1", **origin), 10)
+    conflict = apply(timeline, state, seen, event(x=2, event_id="e1", **origin), 20, 1)
     assert [(r.target, r.values[0], r.values[2]) for r in conflict] == [("prices__quarantine", "prices.csv", "12")]
 
 
-def test_the_state_codec_round_trips_every_payload_type_and_reads_the_pickle_format() -> None:
+def test_the_state_codec_round_trips_text_states_and_reads_the_older_formats() -> None:
     import base64
+    import marshal
     import pickle
     from datetime import date
     from decimal import Decimal
@@ -130,7 +144,7 @@ def test_the_state_codec_round_trips_every_payload_type_and_reads_the_pickle_for
     from hypothesis import strategies as st
 
     from chronolake.iceberg.algebra import Segment
-    from chronolake.streaming.transactions import StateCodec
+    from chronolake.streaming.transactions import StateCodec, Texts
 
     spec = DatasetSpec(
         "mixed",
@@ -141,6 +155,7 @@ def test_the_state_codec_round_trips_every_payload_type_and_reads_the_pickle_for
         ),
     )
     codec = StateCodec(spec)
+    texts = Texts(spec)
     payloads = st.tuples(
         st.none() | st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-10**9, max_value=10**9),
         st.none() | st.dates(),
@@ -148,7 +163,7 @@ def test_the_state_codec_round_trips_every_payload_type_and_reads_the_pickle_for
         st.none() | st.floats(allow_nan=False),
         st.none() | st.text(),
         st.none() | st.booleans(),
-        st.none() | st.integers(0, 2**62),
+        st.none() | st.integers(0, 253_402_214_400_000_000 - 1),  # timestamps up to 9999-12-31
     )
     segments = st.lists(
         st.builds(
@@ -160,33 +175,45 @@ def test_the_state_codec_round_trips_every_payload_type_and_reads_the_pickle_for
 
     @settings(max_examples=300, deadline=None)
     @given(segments, st.dictionaries(st.text(), st.text(), max_size=5))
-    def round_trip(segs: list[Segment], events: dict[str, str]) -> None:
-        state = KeyState(segs, events)
+    def round_trip(typed_segments: list[Segment], events: dict[str, str]) -> None:
+        typed = KeyState(typed_segments, events)
+        state = texts.state(typed)  # as the job holds it: payloads as their sink text
+        assert all(v is None or type(v) is str for s in state.segments for v in s.payload)
         seen = {event_id: n for n, event_id in enumerate(events)}
         back, back_seen = codec.decode(codec.encode(state, seen))
         assert (back, back_seen) == (state, seen)
-        assert [type(v) for s in back.segments for v in s.payload] == [type(v) for s in segs for v in s.payload]
         assert all(type(s) is Segment for s in back.segments)
+        assert codec.decode(codec.encode_typed(typed)) == (state, {})
+        # The format before text payloads (typed values; decimals as text, dates as ordinals).
+        plain = [(s[0], s[1], s[2], (None if s[3][0] is None else str(s[3][0]), None if s[3][1] is None else s[3][1].toordinal(), *s[3][2:]), s[4], s[5]) for s in typed_segments]
+        m1 = "M1:" + base64.b64encode(marshal.dumps((plain, events, seen), 4)).decode("ascii")
+        assert codec.decode(m1) == (state, seen)
 
     round_trip()
     legacy = KeyState([Segment(1, 2, 3, (Decimal("1.5"), date(2024, 1, 1), 1, 1.0, "a", True, 5))], {"e": "d"})
-    assert codec.decode(base64.b64encode(pickle.dumps(legacy)).decode("ascii")) == (legacy, {})
+    assert codec.decode(base64.b64encode(pickle.dumps(legacy)).decode("ascii")) == (texts.state(legacy), {})
+    assert texts.state(legacy).segments[0].payload == (
+        "1.5", "2024-01-01", "1", "1.0", "a", "true", sql_timestamp(5)
+    )
 
 
 def test_event_ids_are_forgotten_a_ttl_of_system_time_after_they_were_applied() -> None:
-    from chronolake.streaming.transactions import remember_event_ids
-
     timeline = EntityTimeline(SPEC)
     state, seen = KeyState(), {}
     hour = 3_600_000_000
+    day = 24 * hour
     for n, t in enumerate([1 * hour, 2 * hour, 30 * hour]):
-        assert timeline.apply(state, event(x=n, valid_from=f"2024-01-0{n + 1}", event_id=f"e{n}"), "s", n, t)
-        remember_event_ids(state, seen, t, ttl_us=24 * hour)
+        assert apply(timeline, state, seen, event(x=n, valid_from=f"2024-01-0{n + 1}", event_id=f"e{n}"), t, n, day)
         if t == 2 * hour:
             # Within the TTL a redelivery is ignored.
-            assert timeline.apply(state, event(x=0, valid_from="2024-01-01", event_id="e0"), "s", 9, t + 1) == []
+            assert apply(timeline, state, seen, event(x=0, valid_from="2024-01-01", event_id="e0"), t + 1, 9, day) == []
     # At 30 h, e0 (1 h) and e1 (2 h) are older than 24 h: forgotten; e2 is remembered.
     assert set(state.events) == set(seen) == {"e2"}
     assert seen["e2"] == 30 * hour
-    redelivered = timeline.apply(state, event(x=0, valid_from="2024-01-01", event_id="e0"), "s", 10, 31 * hour)
+    redelivered = apply(timeline, state, seen, event(x=0, valid_from="2024-01-01", event_id="e0"), 31 * hour, 10, day)
     assert redelivered, "a redelivery after the TTL is applied again (the documented horizon)"
+    # Ids a state brought without times (read from the table) count from the first transaction that finds them.
+    fresh = KeyState(list(state.segments), {"old": "digest"})
+    fresh_seen: dict[str, int] = {}
+    apply(timeline, fresh, fresh_seen, event(x=5, valid_from="2024-02-01", event_id="e9"), 40 * hour, 11, day)
+    assert fresh_seen == {"old": 40 * hour, "e9": 40 * hour}
