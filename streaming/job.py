@@ -190,8 +190,9 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.bootstrap: dict[str, KeyState] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        # entity -> `StateCodec.dump` (never empty: thread mode fails to convert an empty BYTES value).
-        descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()))
+        # entity -> `StateCodec.dump`. PICKLED_BYTE_ARRAY: thread mode hands a PRIMITIVE_ARRAY(BYTE)
+        # state value to Python as a tuple of ints (and fails on a missing one).
+        descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
         if self.state_ttl_ms > 0:
             descriptor.enable_time_to_live(
                 StateTtlConfig.new_builder(Time.milliseconds(self.state_ttl_ms))
@@ -228,7 +229,7 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         entity, dataset = event[EV_ENTITY], event[EV_DATASET]
         stored = self.states.get(entity)
         if stored is not None:
-            return self.codecs[dataset].load(bytes(stored))
+            return self.codecs[dataset].load(stored)
         if self.known is not None and self.known.get(entity):
             return self._look_up(dataset, event[EV_RAW])  # expired by the state TTL: ask the table
         typed = self.bootstrap.get(entity)

@@ -26,7 +26,6 @@ import marshal
 import math
 import zlib
 import pickle
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -153,8 +152,7 @@ def _text(value: Any, column_type: str) -> Text:
 EV_DATASET, EV_ENTITY, EV_KEY, EV_OP, EV_FROM, EV_TO, EV_PAYLOAD, EV_ID, EV_DIGEST, EV_T, EV_SOURCE, EV_LINE, EV_RAW = range(13)
 
 
-@dataclass(frozen=True)
-class Routed:
+class Routed(NamedTuple):
     """A record that parsed: its dataset, typed key and assertion, and `event`: the tuple
     `(dataset, entity, key texts, op, valid_from, valid_to, payload texts, event_id, digest, t,
     source, line, raw)` (positions `EV_*`), where `entity` is `dataset` NUL `repr(key)`, the state's
@@ -344,8 +342,9 @@ class EntityTimeline:
     def _rows(self, key: tuple[Text, ...], change: KeyChange, t: int) -> list[SinkRow]:
         """`chronolake.iceberg.twins.change_rows`, as sink rows: closed twins, opened versions, markers."""
         name = self.spec.name
-        rows = [SinkRow(name, (*key, *s[3], s[0], s[1], s[2], t, CLOSED, s[4], s[5])) for s in change.closed]
-        rows += [SinkRow(name, (*key, *s[3], s[0], s[1], s[2], SENTINEL, OPEN, s[4], s[5])) for s in change.opened]
+        new = tuple.__new__
+        rows = [new(SinkRow, (name, (*key, *s[3], s[0], s[1], s[2], t, CLOSED, s[4], s[5]))) for s in change.closed]
+        rows += [new(SinkRow, (name, (*key, *s[3], s[0], s[1], s[2], SENTINEL, OPEN, s[4], s[5]))) for s in change.opened]
         if change.events:
             rows += [self._sink(marker_row(None, t, EVENT, event_id, digest), key) for event_id, digest in change.events]
         return rows
