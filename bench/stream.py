@@ -1,6 +1,6 @@
 """Streaming benchmark: the bitemporal job beside a pass-through job, Kafka to committed Iceberg rows.
 
-    .venv/tools/bin/python bench/stream.py                       # 200k events over 10k keys
+    .venv/tools/bin/python bench/stream.py                       # 1M events over 50k keys
     .venv/tools/bin/python bench/stream.py --events 20000 --keys 1000 --freshness-seconds 10   # smoke
 
 One local KRaft broker; two topics of one partition each, filled with the same events before either
@@ -199,7 +199,7 @@ def freshness(bootstrap: str, topic: str, home: Path, rate: int, seconds: float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--keys", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)
     parser.add_argument("--freshness-rate", type=int, default=500, help="events/s while measuring freshness")

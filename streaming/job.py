@@ -203,7 +203,9 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
             self.known = runtime_context.get_map_state(MapStateDescriptor("key_known", Types.STRING(), Types.BOOLEAN()))
         self.states = runtime_context.get_map_state(descriptor)
         specs = {name: DatasetSpec.from_json(name, text) for name, text in self.specs.items()}
-        self.stage = TimelineStage(specs, self.event_id_ttl_us, DECODED_KEYS)
+        # With a state TTL the states RocksDB expires must not live on in memory: keep only those
+        # not yet written (every checkpoint writes them), so an idle key's next record reads RocksDB.
+        self.stage = TimelineStage(specs, self.event_id_ttl_us, 0 if self.state_ttl_ms > 0 else DECODED_KEYS)
         self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
         if self.bootstrap_path:
             typed: dict[str, dict[Any, KeyState]] = pickle.loads(Path(self.bootstrap_path).read_bytes())

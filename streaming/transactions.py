@@ -536,12 +536,16 @@ class TimelineStage:
             rows += timelines[entry[0]].apply(entry[1], entry[2], event, ttl)
             changed.add(entity)
         self._changed_all |= changed
+        self._trim()
+        return rows
+
+    def _trim(self) -> None:
+        cache = self.cache
         while len(cache) > self.cache_keys:
             oldest = next(iter(cache))
             if oldest in self._changed_all:
-                break  # the rest are recent; they leave once flushed
+                break  # the rest are recent; they leave once written
             del cache[oldest]
-        return rows
 
     def flush(self, bucket: int) -> dict[str, bytes]:
         """{entity: `StateCodec.dump`} of the bucket's keys changed since its last flush."""
@@ -552,6 +556,7 @@ class TimelineStage:
         for entity in entities:
             dataset, state, seen = cache[entity]
             out[entity] = codecs[dataset].dump(state, seen)
+        self._trim()
         return out
 
 

@@ -217,3 +217,45 @@ def test_event_ids_are_forgotten_a_ttl_of_system_time_after_they_were_applied() 
     fresh_seen: dict[str, int] = {}
     apply(timeline, fresh, fresh_seen, event(x=5, valid_from="2024-02-01", event_id="e9"), 40 * hour, 11, day)
     assert fresh_seen == {"old": 40 * hour, "e9": 40 * hour}
+
+
+def test_bundles_go_through_the_clock_and_the_timeline_stages_as_single_records_would() -> None:
+    from chronolake.streaming.transactions import ClockStage, StateCodec, TimelineStage, bundle_records, key_bucket
+
+    raws = [event(x=n, valid_from=f"2024-01-0{1 + n % 3}", k="ab"[n % 2], event_id=f"e{n}") for n in range(6)]
+    raws.insert(3, "{broken")
+    payloads = [raw.encode() for raw in raws]
+    positions = ",".join(str(10 + n) for n in range(len(raws)))
+    log_times = ",".join("1000" for _ in raws)  # one millisecond: t moves on by 1 us per record
+    lengths = ",".join(str(len(p)) for p in payloads)
+    records = list(bundle_records(positions, log_times, lengths, b"".join(payloads)))
+    assert records[3] == ("13", 1000, b"{broken")
+
+    last, by_bucket, rows = ClockStage({"prices": SPEC}, "kafka:t", 1 << 20, 4).run(0, 999_999, iter(records))
+    assert last == 1_000_006
+    assert [(r.target, r.values[3], r.values[5]) for r in rows] == [(UNROUTED_QUARANTINE, "not a JSON object", 1_000_003)]
+    entities = {event[1]: bucket for bucket, events in by_bucket.items() for event in events}
+    assert entities == {f"prices\x00('{k}',)": key_bucket(f"prices\x00('{k}',)", 4) for k in "ab"}
+
+    stage = TimelineStage({"prices": SPEC}, NEVER, cache_keys=0)
+    loads: list[str] = []
+
+    def load(ev: tuple) -> tuple[KeyState, dict[str, int]]:
+        loads.append(ev[1])
+        return KeyState(), {}
+
+    out = [row for bucket, events in by_bucket.items() for row in stage.run(bucket, events, load)]
+    # The same rows as applying the records one by one.
+    expected, states = [], {}
+    for n, raw in enumerate(raws):
+        if raw != "{broken":
+            state, seen = states.setdefault(raw[raw.index('"k"'):][6], (KeyState(), {}))
+            expected += apply(EntityTimeline(SPEC), state, seen, raw, 1_000_000 + n, 10 + n)
+    assert sorted(out) == sorted(expected)
+    assert sorted(loads) == sorted(entities)  # each key loaded once, then kept while unwritten
+    written = {entity: state for bucket in by_bucket for entity, state in stage.flush(bucket).items()}
+    assert set(written) == set(entities) and stage.cache == {}  # written, then dropped (cache_keys=0)
+    codec = StateCodec(SPEC)
+    assert {e: codec.load(data)[0] for e, data in written.items()} == {
+        f"prices\x00('{k}',)": states[k][0] for k in "ab"
+    }
