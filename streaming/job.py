@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> None:
     bundles = DataStream(
         records._j_data_stream.transform(
             "record-bundler", BUNDLE.get_java_type_info(),
-            jvm.io.chronolake.flink.RecordBundler(BUNDLE_RECORDS, BUNDLE_BYTES, BUNDLE_MS),
+            jvm.io.chronolake.flink.RecordBundler(BUNDLE_RECORDS, BUNDLE_BYTES, bundle_ms(args.idle_partition_ms)),
         ).uid("record-bundler")
     )
     clocked = (
@@ -442,6 +442,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"submitted job {job_id} to {args.jobmanager}")
         return
     result.wait()
+
+
+def bundle_ms(idle_partition_ms: int) -> int:
+    """How long the bundler may hold records: BUNDLE_MS, but well inside the idleness rule of the
+    stable time (a partition whose ticks pause for `idle_partition_ms` is taken as caught up, so
+    records held back that long could land below a stable time already published)."""
+    return max(1, min(BUNDLE_MS, idle_partition_ms // 4))
 
 
 def _java_strings(values: list[str]) -> Any:
