@@ -170,6 +170,12 @@ class DatasetSpec:
         )
 
 
+def decimal_precision_scale(column_type: str) -> tuple[int, int] | None:
+    """(precision, scale) of a `decimal(p,s)` column type; None for any other type."""
+    match = _DECIMAL.match(column_type)
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
 def coerce_decimal(value: Any, column: Column) -> Decimal:
     """Decimal with the column's scale; raises ValueError when it does not fit exactly."""
     match = _DECIMAL.match(column.type)

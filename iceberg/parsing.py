@@ -6,21 +6,21 @@ is accepted or quarantined for the same reason whichever way it arrives.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from chronolake.iceberg.algebra import OPS, UPSERT, Assertion, Key
-from chronolake.iceberg.dataset import EVENT_ID, VALID_FROM, VALID_TO, Column, DatasetSpec, coerce_decimal
+from chronolake.iceberg.dataset import (
+    EVENT_ID, VALID_FROM, VALID_TO, Column, DatasetSpec, coerce_decimal, decimal_precision_scale,
+)
 from chronolake.iceberg.temporal import INFINITY, SENTINEL, TimestampError, micros_from_date, to_micros
 
 OP = "op"
 _TRUE = frozenset({"true", "t", "1", "yes", "y"})
 _FALSE = frozenset({"false", "f", "0", "no", "n"})
 _CACHE_LIMIT = 200_000
-_DECIMAL_TYPE = re.compile(r"^decimal\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
 class InvalidAssertion(ValueError):
@@ -45,8 +45,8 @@ class AssertionParser:
         self._timestamps: dict[str, int] = {}
         self._key = [(c.name, self._converter(c)) for c in spec.key]
         self._payload = [(c.name, self._converter(c)) for c in spec.columns]
-        # `_parse_plain`: key columns that are strings; payload converters, with (precision, scale)
-        # for decimals.
+        # `_parse_plain`: which key columns are strings; the payload converters, with the quantum and
+        # bound of each decimal column (`_decimal_shape`).
         self._plain_key = [(c.name, c.type == "string") for c in spec.key]
         self._plain_payload = [
             (name, convert, _decimal_shape(column)) for (name, convert), column in zip(self._payload, spec.columns)
@@ -233,10 +233,10 @@ class AssertionParser:
 def _decimal_shape(column: Column) -> tuple[Decimal, Decimal] | None:
     """(the quantum, the bound) of a decimal column: values are multiples of the quantum (10^-scale)
     below the bound (10^(precision - scale)) in magnitude; None for other columns."""
-    match = _DECIMAL_TYPE.match(column.type)
-    if match is None:
+    shape = decimal_precision_scale(column.type)
+    if shape is None:
         return None
-    precision, scale = int(match[1]), int(match[2])
+    precision, scale = shape
     return Decimal(1).scaleb(-scale), Decimal(1).scaleb(precision - scale)
 
 
