@@ -25,20 +25,16 @@ import json
 import marshal
 import math
 import zlib
-import pickle
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-from chronolake.iceberg.algebra import Assertion, Key, KeyChange, KeyState, KeyTransaction, Segment
-from chronolake.iceberg.dataset import (
-    CLOSED, CONTROL, EVENT, FILE, LEDGER_PREFIX, OPEN, QUARANTINE_SUFFIX, TIME_COLUMNS, Column, DatasetSpec,
-)
+from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction, Segment
+from chronolake.iceberg.dataset import CONTROL, FILE, LEDGER_PREFIX, QUARANTINE_SUFFIX, TIME_COLUMNS, Column, DatasetSpec
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
-from chronolake.iceberg.temporal import SENTINEL
-from chronolake.iceberg.twins import StoredRow, marker_row
+from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 from chronolake.streaming.sources import record_source
 
 #: Where records go whose dataset cannot be known (broken JSON, no or an unknown `dataset`). The
@@ -162,10 +158,6 @@ class Routed(NamedTuple):
     key: Key
     assertion: Assertion
     event: tuple[Any, ...]
-
-    @property
-    def entity(self) -> str:
-        return self.event[EV_ENTITY]
 
 
 def entity_id(dataset: str, key: Key) -> str:
@@ -303,7 +295,6 @@ class EntityTimeline:
 
     def __init__(self, spec: DatasetSpec) -> None:
         self.spec = spec
-        self.parser = AssertionParser(spec)
         self._quarantine = spec.name + QUARANTINE_SUFFIX
         self._empty_key = (None,) * len(spec.key)
         self._empty_payload = (None,) * len(spec.columns)
@@ -330,7 +321,8 @@ class EntityTimeline:
             if refused is not None:
                 rows = [self._refused(event, refused)]
             elif transaction.applied:
-                rows = self._rows(event[EV_KEY], transaction.finish(), t)
+                # The twin-row layout of the batch loader (key and payload already their text).
+                rows = [self._sink(row) for row in change_rows(event[EV_KEY], transaction.finish(), t)]
             else:
                 rows = []  # a redelivery of an event id it already applied
         remember_event_ids(state, seen, applied, t, ttl_us)
@@ -339,15 +331,6 @@ class EntityTimeline:
     def _refused(self, event: tuple[Any, ...], reason: str) -> SinkRow:
         return quarantine_row(self._quarantine, event[EV_SOURCE], event[EV_LINE], reason, event[EV_RAW], event[EV_T])
 
-    def _rows(self, key: tuple[Text, ...], change: KeyChange, t: int) -> list[SinkRow]:
-        """`chronolake.iceberg.twins.change_rows`, as sink rows: closed twins, opened versions, markers."""
-        name = self.spec.name
-        new = tuple.__new__
-        rows = [new(SinkRow, (name, (*key, *s[3], s[0], s[1], s[2], t, CLOSED, s[4], s[5]))) for s in change.closed]
-        rows += [new(SinkRow, (name, (*key, *s[3], s[0], s[1], s[2], SENTINEL, OPEN, s[4], s[5]))) for s in change.opened]
-        if change.events:
-            rows += [self._sink(marker_row(None, t, EVENT, event_id, digest), key) for event_id, digest in change.events]
-        return rows
 
     def ledger(self, sha256: str, t: int) -> SinkRow:
         """The file-ledger row of a file published through the stream (`LEDGER_FIELD`)."""
@@ -357,27 +340,23 @@ class EntityTimeline:
         """The row that publishes the dataset's stable system time (`system_from` = stable)."""
         return self._sink(marker_row(None, stable, CONTROL))
 
-    def _sink(self, row: StoredRow, key: tuple[Text, ...] | None = None) -> SinkRow:
-        """A marker row (`chronolake.iceberg.twins.marker_row`: no payload, no valid time) as text."""
-        values = (*(key or self._empty_key), *self._empty_payload, *row[2:6], row.row_kind, row.event_id, row.event_digest)
-        return SinkRow(self.spec.name, values)
+    def _sink(self, row: StoredRow) -> SinkRow:
+        """A stored row (`chronolake.iceberg.twins`) whose key and payload are text, as a sink row;
+        markers have neither."""
+        key = row.key or self._empty_key
+        payload = row.payload or self._empty_payload
+        return SinkRow(self.spec.name, (*key, *payload, *row[2:6], row.row_kind, row.event_id, row.event_digest))
 
 
 class StateCodec:
-    """A key's `KeyState` (payloads as text, `Texts`) as the text the job keeps in RocksDB, and back.
-
-    `marshal` of plain tuples behind a format tag, base64. Older formats are still read: `M1:`
-    (typed payloads with decimals as text and dates as ordinals) and untagged pickles; their
-    payloads are turned into text on the way.
-    """
+    """A key's `KeyState` (payloads as text, `Texts`) as the bytes the job keeps in RocksDB (`dump`,
+    `load`), or as text for the lookup service (`encode`, `decode`): `marshal` of plain tuples, with
+    the event-id bookkeeping, behind a format tag in the text form."""
 
     TAG = "M2:"
-    _TYPED = "M1:"
 
     def __init__(self, spec: DatasetSpec) -> None:
         self.texts = Texts(spec)
-        self._decimals = tuple(i for i, c in enumerate(spec.columns) if c.type.startswith("decimal"))
-        self._dates = tuple(i for i, c in enumerate(spec.columns) if c.type == "date")
 
     def encode(self, state: KeyState, seen: dict[str, int] | None = None) -> str:
         """`state` with text payloads; `seen`: when each remembered event id was applied."""
@@ -398,26 +377,9 @@ class StateCodec:
         return self.encode(self.texts.state(state))
 
     def decode(self, text: str) -> tuple[KeyState, dict[str, int]]:
-        new = tuple.__new__
-        if text.startswith(self.TAG):
-            return self.load(base64.b64decode(text[len(self.TAG):]))
-        if text.startswith(self._TYPED):
-            segments, events, seen = marshal.loads(base64.b64decode(text[len(self._TYPED):]))
-            typed = self._typed
-            state = KeyState([new(Segment, (s[0], s[1], s[2], typed(s[3]), s[4], s[5])) for s in segments], events)
-            return self.texts.state(state), seen
-        legacy: KeyState = pickle.loads(base64.b64decode(text))
-        return self.texts.state(legacy), {}
-
-    def _typed(self, payload: tuple[Any, ...]) -> tuple[Any, ...]:
-        values = list(payload)
-        for i in self._decimals:
-            if values[i] is not None:
-                values[i] = Decimal(values[i])
-        for i in self._dates:
-            if values[i] is not None:
-                values[i] = date.fromordinal(values[i])
-        return tuple(values)
+        if not text.startswith(self.TAG):
+            raise ValueError(f"not a key state of this format ({self.TAG!r}): {text[:20]!r}")
+        return self.load(base64.b64decode(text[len(self.TAG):]))
 
 
 def remember_event_ids(state: KeyState, seen: dict[str, int], applied: str | None, t: int, ttl_us: int) -> None:

@@ -133,10 +133,7 @@ def test_published_file_rows_name_their_file_and_line_and_the_ledger_event_write
     assert [(r.target, r.values[0], r.values[2]) for r in conflict] == [("prices__quarantine", "prices.csv", "12")]
 
 
-def test_the_state_codec_round_trips_text_states_and_reads_the_older_formats() -> None:
-    import base64
-    import marshal
-    import pickle
+def test_the_state_codec_round_trips_text_states_and_turns_typed_ones_into_text() -> None:
     from datetime import date
     from decimal import Decimal
 
@@ -184,15 +181,10 @@ def test_the_state_codec_round_trips_text_states_and_reads_the_older_formats() -
         assert (back, back_seen) == (state, seen)
         assert all(type(s) is Segment for s in back.segments)
         assert codec.decode(codec.encode_typed(typed)) == (state, {})
-        # The format before text payloads (typed values; decimals as text, dates as ordinals).
-        plain = [(s[0], s[1], s[2], (None if s[3][0] is None else str(s[3][0]), None if s[3][1] is None else s[3][1].toordinal(), *s[3][2:]), s[4], s[5]) for s in typed_segments]
-        m1 = "M1:" + base64.b64encode(marshal.dumps((plain, events, seen), 4)).decode("ascii")
-        assert codec.decode(m1) == (state, seen)
 
     round_trip()
-    legacy = KeyState([Segment(1, 2, 3, (Decimal("1.5"), date(2024, 1, 1), 1, 1.0, "a", True, 5))], {"e": "d"})
-    assert codec.decode(base64.b64encode(pickle.dumps(legacy)).decode("ascii")) == (texts.state(legacy), {})
-    assert texts.state(legacy).segments[0].payload == (
+    typed = KeyState([Segment(1, 2, 3, (Decimal("1.5"), date(2024, 1, 1), 1, 1.0, "a", True, 5))], {"e": "d"})
+    assert codec.decode(codec.encode_typed(typed))[0].segments[0].payload == (
         "1.5", "2024-01-01", "1", "1.0", "a", "true", sql_timestamp(5)
     )
 
