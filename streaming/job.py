@@ -71,7 +71,6 @@ from chronolake.streaming.transactions import (
     ClockStage,
     EntityTimeline,
     SinkRow,
-    StateCodec,
     TimelineStage,
     bundle_records,
     entity_id,
@@ -110,8 +109,7 @@ _MARK = b""
 
 def table_tags(specs: dict[str, str]) -> dict[str, OutputTag]:
     """One side output per Iceberg table, carrying JSON bundles of its rows."""
-    tables = {name: DatasetSpec.from_json(name, text).table_columns() for name, text in sorted(specs.items())}
-    names = [*tables, *(name + QUARANTINE_SUFFIX for name in tables), UNROUTED_QUARANTINE]
+    names = [*specs, *(name + QUARANTINE_SUFFIX for name in specs), UNROUTED_QUARANTINE]
     return {table: OutputTag(f"table-{table}", ROWS) for table in sorted(names)}
 
 
@@ -189,7 +187,6 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.states: MapState | None = None
         self.known: MapState | None = None
         self.stage: TimelineStage | None = None
-        self.codecs: dict[str, StateCodec] = {}
         self.bootstrap: dict[str, KeyState] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
@@ -209,7 +206,6 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         # With a state TTL the states RocksDB expires must not live on in memory: keep only those
         # not yet written (every checkpoint writes them), so an idle key's next record reads RocksDB.
         self.stage = TimelineStage(specs, self.event_id_ttl_us, 0 if self.state_ttl_ms > 0 else DECODED_KEYS)
-        self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
         if self.bootstrap_path:
             typed: dict[str, dict[Any, KeyState]] = pickle.loads(Path(self.bootstrap_path).read_bytes())
             self.bootstrap = {
@@ -230,22 +226,23 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         yield from _table_bundles(self.tags, rows)
 
     def _load(self, event: tuple[Any, ...]) -> tuple[KeyState, dict[str, int]]:
-        assert self.states is not None
+        assert self.states is not None and self.stage is not None
         entity, dataset = event[EV_ENTITY], event[EV_DATASET]
         stored = self.states.get(entity)
         if stored is not None:
-            return self.codecs[dataset].load(stored)
+            return self.stage.codecs[dataset].load(stored)
         if self.known is not None and self.known.get(entity):
             return self._look_up(dataset, event[EV_RAW])  # expired by the state TTL: ask the table
         typed = self.bootstrap.get(entity)
-        return (KeyState(), {}) if typed is None else (self.codecs[dataset].texts.state(typed), {})
+        return (KeyState(), {}) if typed is None else (self.stage.codecs[dataset].texts.state(typed), {})
 
     def _look_up(self, dataset: str, raw: str) -> tuple[KeyState, dict[str, int]]:
+        assert self.stage is not None
         body = json.dumps({"dataset": dataset, "record": json.loads(raw)}).encode()
         request = urllib.request.Request(self.lookup_url, data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:  # a failure fails the task: it restarts
             text = response.read().decode("ascii")
-        return self.codecs[dataset].decode(text) if text else (KeyState(), {})
+        return self.stage.codecs[dataset].decode(text) if text else (KeyState(), {})
 
 
 class StableTime(KeyedProcessFunction):  # type: ignore[misc]
