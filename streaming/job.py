@@ -38,6 +38,7 @@ a reader that sees stable time s sees every transaction with t <= s.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import marshal
 import os
@@ -52,6 +53,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import orjson
 from pyflink.common import Configuration, Row, Types
 from pyflink.common.time import Time
 from pyflink.datastream import DataStream, KeyedProcessFunction, OutputTag, RuntimeContext, StreamExecutionEnvironment
@@ -103,7 +105,13 @@ BUNDLE = Types.ROW(
 EVENTS = Types.ROW([Types.INT(), Types.PRIMITIVE_ARRAY(Types.BYTE())])  # key bucket, marshal of events ("" = mark)
 TICK = Types.ROW([Types.INT(), Types.LONG()])  # partition, t
 TICK_TAG = OutputTag("ticks", TICK)
-ROWS = Types.ROW_NAMED(["rows"], [Types.STRING()])  # a JSON array of one table's rows (`io.chronolake.flink.JsonRows`)
+# A JSON array of one table's rows, UTF-8 (`io.chronolake.flink.JsonRows`): bytes cross into Java
+# as a copy, where a str is converted character by character.
+ROWS = Types.ROW_NAMED(["rows"], [Types.PRIMITIVE_ARRAY(Types.BYTE())])
+#: The entity timeline holds the rows it makes until a checkpoint mark, or until it holds this many:
+#: rows reach the tables only with a checkpoint anyway, and each bundle handed to Java costs about
+#: as much as the rows of a small key bucket's call take to make.
+HELD_ROWS = 20_000
 _MARK = b""
 
 
@@ -113,13 +121,42 @@ def table_tags(specs: dict[str, str]) -> dict[str, OutputTag]:
     return {table: OutputTag(f"table-{table}", ROWS) for table in sorted(names)}
 
 
+class RowBundles:
+    """Rows by table, handed on as one JSON bundle per table (`take`)."""
+
+    def __init__(self) -> None:
+        self.by_table: dict[str, list[tuple[Any, ...]]] = {}
+        self.count = 0
+
+    def add(self, rows: list[SinkRow]) -> None:
+        by_table = self.by_table
+        for row in rows:
+            found = by_table.get(row.target)
+            if found is None:
+                by_table[row.target] = [row.values]
+            else:
+                found.append(row.values)
+        self.count += len(rows)
+
+    def take(self, tags: dict[str, OutputTag]) -> Iterator[tuple[OutputTag, Row]]:
+        by_table, self.by_table, self.count = self.by_table, {}, 0
+        for table, values in by_table.items():
+            yield tags[table], Row(_json_bundle(values))
+
+
+def _json_bundle(values: list[tuple[Any, ...]]) -> bytes:
+    try:
+        return orjson.dumps(values)
+    except orjson.JSONEncodeError:
+        # A lone surrogate in a text (orjson refuses them): escaped, as Java strings hold them.
+        return json.dumps(values, allow_nan=False).encode("ascii")
+
+
 def _table_bundles(tags: dict[str, OutputTag], rows: list[SinkRow]) -> Iterator[tuple[OutputTag, Row]]:
     """`rows` as one JSON bundle per table."""
-    by_table: dict[str, list[tuple[Any, ...]]] = {}
-    for row in rows:
-        by_table.setdefault(row.target, []).append(row.values)
-    for table, values in by_table.items():
-        yield tags[table], Row(json.dumps(values, allow_nan=False))
+    bundles = RowBundles()
+    bundles.add(rows)
+    return bundles.take(tags)
 
 
 class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
@@ -166,7 +203,8 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
     """Keyed by key bucket: the bucket's keys' `KeyState`s in a RocksDB map state (entity -> text),
     one transaction per event (`TimelineStage`). States changed since the last checkpoint mark are
     kept decoded in memory and written at the next mark, which reaches this operator before the
-    checkpoint barrier does.
+    checkpoint barrier does; the rows made are held until then too (up to HELD_ROWS), whichever
+    bucket's mark comes first: the tables see them with that checkpoint either way.
 
     A key the state has never known starts from the table's state at launch (the bootstrap file).
     With a state TTL (`state_ttl_ms`), a key idle that long loses its state; a `known` flag
@@ -188,6 +226,7 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.known: MapState | None = None
         self.stage: TimelineStage | None = None
         self.bootstrap: dict[str, KeyState] = {}
+        self.held = RowBundles()  # rows made since the last checkpoint mark (HELD_ROWS)
 
     def open(self, runtime_context: RuntimeContext) -> None:
         # entity -> `StateCodec.dump`. PICKLED_BYTE_ARRAY: thread mode hands a PRIMITIVE_ARRAY(BYTE)
@@ -221,9 +260,14 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
                 self.states.put_all(written)
                 if self.known is not None:
                     self.known.put_all(dict.fromkeys(written, True))
+            settle_heap()
+            # Every bucket this subtask was sent events to gets its mark before the barrier, so
+            # nothing is held across a checkpoint.
+            yield from self.held.take(self.tags)
             return
-        rows = self.stage.run(bucket, marshal.loads(bytes(blob)), self._load)
-        yield from _table_bundles(self.tags, rows)
+        self.held.add(self.stage.run(bucket, marshal.loads(bytes(blob)), self._load))
+        if self.held.count >= HELD_ROWS:
+            yield from self.held.take(self.tags)
 
     def _load(self, event: tuple[Any, ...]) -> tuple[KeyState, dict[str, int]]:
         assert self.states is not None and self.stage is not None
@@ -243,6 +287,35 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         with urllib.request.urlopen(request, timeout=120) as response:  # a failure fails the task: it restarts
             text = response.read().decode("ascii")
         return self.stage.codecs[dataset].decode(text) if text else (KeyState(), {})
+
+
+#: `settle_heap` freezes the heap at most this often, and thaws it for one full collection this often
+#: (seconds of processing time).
+SETTLE_INTERVAL_S = 1.0
+THAW_INTERVAL_S = 600.0
+_settled = {"frozen": 0.0, "thawed": time.monotonic()}
+
+
+def settle_heap() -> None:
+    """Keeps the interpreter's cyclic garbage collector off the decoded key states (the timeline
+    calls it at checkpoint marks). Those are millions of long-lived tuples (`Segment`s, a tuple
+    subclass, are never untracked), and every full collection walked all of them again: a quarter
+    of the timeline thread's Python time in a perf profile of `bench/stream.py`. At most every
+    SETTLE_INTERVAL_S: collect, then move every object left into the permanent generation
+    (`gc.freeze`), which later collections skip. Frozen objects are still freed when their last
+    reference goes (the states hold no reference cycles); a cycle that was alive at a freeze and
+    dropped after it is only collected at the next thaw, every THAW_INTERVAL_S (one full
+    collection over everything), so what it can hold back is bounded. The interpreter is the
+    TaskManager's, so this applies to every Python function it runs."""
+    now = time.monotonic()
+    if now - _settled["frozen"] < SETTLE_INTERVAL_S:
+        return
+    if now - _settled["thawed"] >= THAW_INTERVAL_S:
+        gc.unfreeze()
+        _settled["thawed"] = now
+    gc.collect()
+    gc.freeze()
+    _settled["frozen"] = now
 
 
 class StableTime(KeyedProcessFunction):  # type: ignore[misc]

@@ -17,7 +17,7 @@ import org.apache.flink.util.Collector;
 
 /**
  * Turns a bundle of table rows written by the Python operators back into rows: the input's first
- * field is a JSON array of arrays, one per row, each holding the table's columns in the order of
+ * field is a JSON array of arrays (UTF-8 bytes, or a string), one per row, each holding the table's columns in the order of
  * {@code columns}. A column named in {@code micros} holds an integer, microseconds since the epoch,
  * and comes out as an {@link Instant}; every other column holds a string and comes out as one (the
  * INSERT casts it to the table's type). Any column may be null.
@@ -41,8 +41,8 @@ public final class JsonRows implements FlatMapFunction<Row, Row>, ResultTypeQuer
 
     @Override
     public void flatMap(Row bundle, Collector<Row> out) throws Exception {
-        String text = (String) bundle.getField(0);
-        try (JsonParser parser = JSON.createParser(text)) {
+        Object field = bundle.getField(0);
+        try (JsonParser parser = field instanceof byte[] ? JSON.createParser((byte[]) field) : JSON.createParser((String) field)) {
             expect(parser.nextToken(), JsonToken.START_ARRAY);
             List<Object> values = new ArrayList<>(columns.length);
             for (JsonToken token = parser.nextToken(); token != JsonToken.END_ARRAY; token = parser.nextToken()) {
