@@ -49,6 +49,9 @@ import generate  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 DATASET = "prices"
+#: The dataset's declaration (`Lake.create_dataset`); bench/stream_stages.py uses the same one.
+KEY = ["instrument"]
+COLUMNS = {"price": "decimal(18,6)", "currency": "string"}
 TIMEOUT_S = 1800.0
 
 
@@ -227,7 +230,7 @@ def main() -> None:
         print(f"produced {len(values):,} events to each topic", flush=True)
 
         lake = Lake(home)
-        lake.create_dataset(DATASET, key=["instrument"], columns={"price": "decimal(18,6)", "currency": "string"})
+        lake.create_dataset(DATASET, key=KEY, columns=COLUMNS)
         import pyarrow as pa
 
         lake.catalog.create_table(

@@ -13,7 +13,6 @@ job's own interpreter and packages are measured.
 from __future__ import annotations
 
 import argparse
-import json
 import marshal
 import sys
 import time
@@ -24,26 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stream  # noqa: E402
 
-from chronolake.iceberg.dataset import DatasetSpec  # noqa: E402
 from chronolake.iceberg.algebra import KeyState  # noqa: E402
+from chronolake.iceberg.dataset import DatasetSpec  # noqa: E402
+from chronolake.streaming.job import BUNDLE_RECORDS, DECODED_KEYS, EVENT_ID_TTL_HOURS, KEY_BUCKETS, json_bundle  # noqa: E402
 from chronolake.streaming.transactions import ClockStage, TimelineStage  # noqa: E402
-
-SPEC = {"key": [["instrument", "string"]], "columns": [["price", "decimal(18,6)"], ["currency", "string"]]}
-BUCKETS = 128
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--keys", type=int, default=50_000)
-    parser.add_argument("--bundle", type=int, default=5000)
+    parser.add_argument("--bundle", type=int, default=BUNDLE_RECORDS)
     parser.add_argument("--checkpoint-events", type=int, default=20_000)
     args = parser.parse_args()
 
-    spec = DatasetSpec.from_json(stream.DATASET, json.dumps(SPEC))
+    spec = DatasetSpec.from_declaration(stream.DATASET, {"key": stream.KEY, "columns": stream.COLUMNS})
     values = stream.events(args.events, args.keys, 7)
-    clock = ClockStage({spec.name: spec}, "kafka:bench", 1 << 20, BUCKETS)
-    timeline = TimelineStage({spec.name: spec}, 7 * 24 * 3_600_000_000, 50_000)
+    clock = ClockStage({spec.name: spec}, "kafka:bench", 1 << 20, KEY_BUCKETS)
+    timeline = TimelineStage({spec.name: spec}, EVENT_ID_TTL_HOURS * 3_600_000_000, DECODED_KEYS)
     spent: dict[str, float] = defaultdict(float)
     calls = 0
     last_t = None
@@ -65,7 +62,7 @@ def main() -> None:
             calls += 1
             decoded = timed("unmarshal events", marshal.loads, blob)
             out = timed("timeline", timeline.run, bucket, decoded, lambda event: (KeyState(), {}))
-            timed("rows to JSON", json.dumps, [r.values for r in out])
+            timed("rows to JSON", json_bundle, [r.values for r in out])
         pending.update(blobs)
         since_checkpoint += len(bundle)
         if since_checkpoint >= args.checkpoint_events:

@@ -97,6 +97,8 @@ BUNDLE_MS = 500
 #: Keys whose decoded state the entity-timeline operator keeps beside RocksDB (per subtask), besides
 #: those changed since the last checkpoint.
 DECODED_KEYS = 50_000
+#: How long (hours of system time) an applied event id is remembered, unless --event-id-ttl-hours.
+EVENT_ID_TTL_HOURS = 7 * 24
 
 # Rows crossing between operators (thread mode drops field names, so they are positional).
 BUNDLE = Types.ROW(
@@ -141,10 +143,11 @@ class RowBundles:
     def take(self, tags: dict[str, OutputTag]) -> Iterator[tuple[OutputTag, Row]]:
         by_table, self.by_table, self.count = self.by_table, {}, 0
         for table, values in by_table.items():
-            yield tags[table], Row(_json_bundle(values))
+            yield tags[table], Row(json_bundle(values))
 
 
-def _json_bundle(values: list[tuple[Any, ...]]) -> bytes:
+def json_bundle(values: list[tuple[Any, ...]]) -> bytes:
+    """One table's rows as `JsonRows` reads them: a JSON array of arrays, UTF-8."""
     try:
         return orjson.dumps(values)
     except orjson.JSONEncodeError:
@@ -570,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--event-id-ttl-hours",
         type=int,
-        default=7 * 24,
+        default=EVENT_ID_TTL_HOURS,
         help="how long (system time) an applied event id is remembered to ignore its redeliveries",
     )
     parser.add_argument(
