@@ -25,8 +25,8 @@ import stream  # noqa: E402
 
 from chronolake.iceberg.algebra import KeyState  # noqa: E402
 from chronolake.iceberg.dataset import DatasetSpec  # noqa: E402
-from chronolake.streaming.job import BUNDLE_RECORDS, DECODED_KEYS, EVENT_ID_TTL_HOURS, KEY_BUCKETS, json_bundle  # noqa: E402
-from chronolake.streaming.transactions import ClockStage, TimelineStage  # noqa: E402
+from chronolake.streaming.job import BUNDLE_RECORDS, DECODED_KEYS, EVENT_ID_TTL_HOURS, KEY_BUCKETS, json_bundle, settle_heap  # noqa: E402
+from chronolake.streaming.transactions import ClockStage, TimelineStage, Written  # noqa: E402
 
 
 def main() -> None:
@@ -61,13 +61,14 @@ def main() -> None:
         for bucket, blob in blobs.items():
             calls += 1
             decoded = timed("unmarshal events", marshal.loads, blob)
-            out = timed("timeline", timeline.run, bucket, decoded, lambda event: (KeyState(), {}))
+            out = timed("timeline", timeline.run, bucket, decoded, lambda event: (KeyState(), {}, Written()))
             timed("rows to JSON", json_bundle, [r.values for r in out])
         pending.update(blobs)
         since_checkpoint += len(bundle)
         if since_checkpoint >= args.checkpoint_events:
             for bucket in sorted(pending):
                 timed("state flush", timeline.flush, bucket)
+            timed("settle heap", settle_heap)  # as the job does at its checkpoint marks
             pending.clear()
             since_checkpoint = 0
     total = sum(spent.values())

@@ -44,7 +44,11 @@ class Assertion(NamedTuple):
 
 
 class Segment(NamedTuple):
-    """One current stored version of a key. Its identity is ``(key, valid_from, system_from)``."""
+    """One current stored version of a key. Its identity is ``(key, valid_from, system_from)``.
+
+    The algebra reads segments by position and makes plain tuples of these fields (a state may hold
+    either): plain tuples of plain values cost less to make, `marshal` writes them as they are (the
+    stream job's state), and the cyclic garbage collector stops tracking them."""
 
     valid_from: int
     valid_to: int
@@ -86,7 +90,7 @@ class KeyTransaction:
     ``state``, which is mutated in place.
     """
 
-    __slots__ = ("state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty")
+    __slots__ = ("state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty", "_opened")
 
     def __init__(self, state: KeyState, t: int) -> None:
         self.state = state
@@ -96,6 +100,7 @@ class KeyTransaction:
         self._applied_events: list[tuple[str, str]] = []
         self.applied = 0
         self.duplicates = 0
+        self._opened: list[Segment] = []  # what the first assertion opened (see `finish`)
 
     def apply(self, assertion: Assertion, digest: str | None = None) -> str | None:
         """Apply one assertion; returns the reason when the algebra refuses it (then nothing changed).
@@ -115,16 +120,24 @@ class KeyTransaction:
             self._applied_events.append((assertion.event_id, digest))
         else:
             digest = None
-        _apply(self.state.segments, assertion, digest, self.t, self._closed)
+        opened = _apply(self.state.segments, assertion, digest, self.t, self._closed)
+        if not self.applied:
+            self._opened = opened
         self.applied += 1
         return None
 
     def finish(self, rejected: list[tuple[int, str]] | None = None) -> KeyChange:
         t = self.t
         segments = self.state.segments
-        # A key with no earlier segments has only segments of this transaction.
-        opened = list(segments) if self._was_empty else [s for s in segments if s[2] == t]
-        carried = {s.event_id for s in opened}
+        if self.applied == 1:
+            # No segment had system time t before (see the class), so the one assertion applied
+            # opened exactly these, in valid-time order; found without reading the whole timeline.
+            opened = self._opened
+        elif self._was_empty:
+            opened = list(segments)  # a key with no earlier segments has only this transaction's
+        else:
+            opened = [s for s in segments if s[2] == t]
+        carried = {s[4] for s in opened}  # event_id
         markers = [(eid, d) for eid, d in self._applied_events if eid not in carried]
         return KeyChange(opened, self._closed, markers, self.applied, self.duplicates, rejected or [])
 
@@ -220,8 +233,12 @@ def new_key_timeline(
     return froms, tos, refs
 
 
-def _apply(segments: list[Segment], assertion: Assertion, digest: str | None, t: int, closed: list[Segment]) -> None:
-    # The hot path of every load: plain tuple indexing and tuple.__new__ instead of NamedTuple
+def _apply(
+    segments: list[Segment], assertion: Assertion, digest: str | None, t: int, closed: list[Segment]
+) -> list[Segment]:
+    """Applies one assertion at ``t`` to ``segments``; appends the segments it closes to ``closed``
+    and returns those it opened (in valid-time order)."""
+    # The hot path of every load: plain tuple indexing and plain tuples instead of NamedTuple
     # attribute access and constructors (each several times slower). Segment fields by index:
     # 0 valid_from, 1 valid_to, 2 system_from, 3 payload, 4 event_id, 5 event_digest.
     valid_from = assertion[2]
@@ -237,23 +254,21 @@ def _apply(segments: list[Segment], assertion: Assertion, digest: str | None, t:
             covering_or_next = segments[first]
             valid_to = covering_or_next[1] if covering_or_next[0] <= valid_from else covering_or_next[0]
 
-    replacement: list[Segment] = []
+    replacement: list[Any] = []  # plain tuples of Segment's fields
     last = first
     while last < count and segments[last][0] < valid_to:
         overlapping = segments[last]
         if overlapping[2] != t:
             closed.append(overlapping)
         if overlapping[0] < valid_from:
-            replacement.append(_segment((overlapping[0], valid_from, t, overlapping[3], overlapping[4], overlapping[5])))
+            replacement.append((overlapping[0], valid_from, t, overlapping[3], overlapping[4], overlapping[5]))
         last += 1
     if upsert:
-        replacement.append(_segment((valid_from, valid_to, t, assertion[4], assertion[5], digest)))
+        replacement.append((valid_from, valid_to, t, assertion[4], assertion[5], digest))
     if last > first:
         tail = segments[last - 1]
         if tail[1] > valid_to:
-            replacement.append(_segment((valid_to, tail[1], t, tail[3], tail[4], tail[5])))
+            replacement.append((valid_to, tail[1], t, tail[3], tail[4], tail[5]))
     segments[first:last] = replacement
+    return replacement
 
-
-def _segment(fields: tuple[Any, ...]) -> Segment:
-    return tuple.__new__(Segment, fields)  # type: ignore[no-any-return]

@@ -83,7 +83,8 @@ class AssertionParser:
         elif op not in OPS:
             return None
         cache = self._timestamps
-        valid_from = cache.get(get(VALID_FROM)) if type(get(VALID_FROM)) is str else None
+        raw_from = get(VALID_FROM)
+        valid_from = cache.get(raw_from) if type(raw_from) is str else None
         if valid_from is None or valid_from >= SENTINEL:
             return None
         raw_to = get(VALID_TO)
@@ -93,7 +94,7 @@ class AssertionParser:
             valid_to = cache.get(raw_to) if type(raw_to) is str else None
             if valid_to is None or valid_to <= valid_from:
                 return None
-        payload = []
+        payload: list[Any] = []
         for name, convert, decimal in self._plain_payload:
             value = get(name)
             if value is None:

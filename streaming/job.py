@@ -74,6 +74,7 @@ from chronolake.streaming.transactions import (
     EntityTimeline,
     SinkRow,
     TimelineStage,
+    Written,
     bundle_records,
     entity_id,
     insert_sql,
@@ -232,7 +233,7 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.held = RowBundles()  # rows made since the last checkpoint mark (HELD_ROWS)
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        # entity -> `StateCodec.dump`. PICKLED_BYTE_ARRAY: thread mode hands a PRIMITIVE_ARRAY(BYTE)
+        # entity (and its chunks) -> `StateCodec.write`. PICKLED_BYTE_ARRAY: thread mode hands a PRIMITIVE_ARRAY(BYTE)
         # state value to Python as a tuple of ints (and fails on a missing one).
         descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
         if self.state_ttl_ms > 0:
@@ -258,11 +259,13 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         assert self.stage is not None and self.states is not None
         bucket, blob = value
         if not blob:
-            written = self.stage.flush(bucket)
-            if written:
-                self.states.put_all(written)
-                if self.known is not None:
-                    self.known.put_all(dict.fromkeys(written, True))
+            flushed = self.stage.flush(bucket)
+            if flushed.puts:
+                self.states.put_all(flushed.puts)
+            for name in flushed.removes:
+                self.states.remove(name)
+            if self.known is not None and flushed.entities:
+                self.known.put_all(dict.fromkeys(flushed.entities, True))
             settle_heap()
             # Every bucket this subtask was sent events to gets its mark before the barrier, so
             # nothing is held across a checkpoint.
@@ -272,24 +275,33 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         if self.held.count >= HELD_ROWS:
             yield from self.held.take(self.tags)
 
-    def _load(self, event: tuple[Any, ...]) -> tuple[KeyState, dict[str, int]]:
+    def _load(self, event: tuple[Any, ...]) -> tuple[KeyState, dict[str, int], Written]:
         assert self.states is not None and self.stage is not None
         entity, dataset = event[EV_ENTITY], event[EV_DATASET]
-        stored = self.states.get(entity)
-        if stored is not None:
-            return self.stage.codecs[dataset].load(stored)
+        codec = self.stage.codecs[dataset]
+        head = self.states.get(entity)
+        if head is not None:
+            found = codec.read(entity, head, self.states.get)
+            if found is not None:
+                return found
+            if self.known is None:
+                raise RuntimeError(f"the key state of {entity!r} in RocksDB lacks a chunk its head names")
+            # A chunk expired by the state TTL before its head: the whole state counts as expired.
         if self.known is not None and self.known.get(entity):
             return self._look_up(dataset, event[EV_RAW])  # expired by the state TTL: ask the table
         typed = self.bootstrap.get(entity)
-        return (KeyState(), {}) if typed is None else (self.stage.codecs[dataset].texts.state(typed), {})
+        return (KeyState(), {}, Written()) if typed is None else (codec.texts.state(typed), {}, Written())
 
-    def _look_up(self, dataset: str, raw: str) -> tuple[KeyState, dict[str, int]]:
+    def _look_up(self, dataset: str, raw: str) -> tuple[KeyState, dict[str, int], Written]:
         assert self.stage is not None
         body = json.dumps({"dataset": dataset, "record": json.loads(raw)}).encode()
         request = urllib.request.Request(self.lookup_url, data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:  # a failure fails the task: it restarts
             text = response.read().decode("ascii")
-        return self.stage.codecs[dataset].decode(text) if text else (KeyState(), {})
+        if not text:
+            return KeyState(), {}, Written()
+        # RocksDB may still hold chunks of the expired state: `Written()` rewrites every one in use.
+        return (*self.stage.codecs[dataset].decode(text), Written())
 
 
 #: `settle_heap` freezes the heap at most this often, and thaws it for one full collection this often

@@ -28,6 +28,7 @@ import zlib
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -66,7 +67,7 @@ class SinkRow(NamedTuple):
     text or None, except the timestamps of `MICROS_COLUMNS`, which are microseconds (int)."""
 
     target: str
-    values: tuple[Text, ...]
+    values: tuple[Any, ...]
 
 
 def system_time(log_time_ms: int, previous: int | None) -> int:
@@ -280,10 +281,10 @@ class Texts:
         return payload if self._plain_payload else tuple(map(_text, payload, self._payload_types))
 
     def state(self, state: KeyState) -> KeyState:
-        """A key state with typed payloads (read from the table) as one with text payloads."""
-        new = tuple.__new__
+        """A key state with typed payloads (read from the table) as one with text payloads, its
+        segments plain tuples (`Segment`)."""
         payload = self.payload
-        segments = [new(Segment, (s[0], s[1], s[2], payload(s[3]), s[4], s[5])) for s in state.segments]
+        segments = [(s[0], s[1], s[2], payload(s[3]), s[4], s[5]) for s in state.segments]
         return KeyState(segments, dict(state.events))
 
 
@@ -348,10 +349,40 @@ class EntityTimeline:
         return SinkRow(self.spec.name, (*key, *payload, *row[2:6], row.row_kind, row.event_id, row.event_digest))
 
 
+#: Segments, and remembered event ids, per map-state entry of a key's state (`StateCodec.write`).
+#: Part of the state layout, like the key buckets: a stored state is read with this size.
+CHUNK = 32
+_SEGMENTS_AT = "\x1fs"  # entity + this + n: the key's segments n*CHUNK .. (n+1)*CHUNK
+_EVENTS_AT = "\x1fe"  # entity + this + n: the key's remembered ids of ordinals n*CHUNK .. (n+1)*CHUNK
+_HEAD = 3  # the format of a head entry (an `M2` state is a 3-tuple, a head an 8-tuple)
+
+
+class Written:
+    """What RocksDB holds of one key's state, as its stage last wrote or read it (`StateCodec.write`):
+    the full chunks of its segments, and the ordinals of
+    its remembered event ids (each id gets the next ordinal when it is remembered; they are
+    forgotten oldest first), with the last one's id and time to find where new ones start."""
+
+    __slots__ = ("chunks", "first", "end", "last_id", "last_t")
+
+    def __init__(self) -> None:
+        self.chunks: list[list[Segment]] = []
+        self.first = 0
+        self.end = 0
+        self.last_id: str | None = None
+        self.last_t: int | None = None
+
+
 class StateCodec:
-    """A key's `KeyState` (payloads as text, `Texts`) as the bytes the job keeps in RocksDB (`dump`,
-    `load`), or as text for the lookup service (`encode`, `decode`): `marshal` of plain tuples, with
-    the event-id bookkeeping, behind a format tag in the text form."""
+    """A key's `KeyState` (payloads as text, `Texts`) as the job keeps it in RocksDB (`write`,
+    `read`), or as text for the lookup service (`encode`, `decode`).
+
+    In RocksDB a key's state is a head entry under its entity name and chunks of CHUNK segments and
+    CHUNK remembered event ids under the name with a suffix, so that a checkpoint rewrites only
+    what changed: the head (the counts, the last segments and ids) and the chunks that filled up or
+    lost ids. `marshal` of plain tuples throughout. A head may also be a whole state in the earlier
+    `M2` format (`dump`), as checkpoints of earlier versions hold; it is rewritten in chunks at the
+    key's next change."""
 
     TAG = "M2:"
 
@@ -363,14 +394,14 @@ class StateCodec:
         return self.TAG + base64.b64encode(self.dump(state, seen)).decode("ascii")
 
     def dump(self, state: KeyState, seen: dict[str, int] | None = None) -> bytes:
-        """What `encode` writes, as bytes (the job's RocksDB map state holds these)."""
-        return marshal.dumps((list(map(tuple, state.segments)), state.events, seen or {}), 4)
+        """The whole state as one value (`M2`, what `encode` writes, as bytes). Its segments are
+        plain tuples, as the algebra, `load` and `Texts.state` make them."""
+        return marshal.dumps((state.segments, state.events, seen or {}), 4)
 
     def load(self, data: bytes) -> tuple[KeyState, dict[str, int]]:
         """The state `dump` wrote."""
         segments, events, seen = marshal.loads(data)
-        new = tuple.__new__
-        return KeyState([new(Segment, s) for s in segments], events), seen
+        return KeyState(segments, events), seen
 
     def encode_typed(self, state: KeyState) -> str:
         """A state read from the table (typed payloads), as `encode` writes it."""
@@ -380,6 +411,121 @@ class StateCodec:
         if not text.startswith(self.TAG):
             raise ValueError(f"not a key state of this format ({self.TAG!r}): {text[:20]!r}")
         return self.load(base64.b64decode(text[len(self.TAG):]))
+
+    def write(
+        self, entity: str, state: KeyState, seen: dict[str, int], written: Written
+    ) -> tuple[dict[str, bytes], list[str]]:
+        """The map-state entries to put and to remove so that RocksDB holds `state` and `seen`, given
+        that it holds `written` (updated to the new state). `seen` must name every id of
+        `state.events` (`remember_event_ids` sees to that at every transaction)."""
+        puts: dict[str, bytes] = {}
+        removes: list[str] = []
+        segments = state.segments
+        full = len(segments) // CHUNK
+        before = written.chunks
+        if full or before:
+            chunks = []
+            for n in range(full):
+                chunk = segments[n * CHUNK:(n + 1) * CHUNK]
+                if n >= len(before) or chunk != before[n]:
+                    puts[f"{entity}{_SEGMENTS_AT}{n}"] = marshal.dumps(chunk, 4)
+                chunks.append(chunk)
+            removes += [f"{entity}{_SEGMENTS_AT}{n}" for n in range(full, len(before))]
+            written.chunks = chunks
+
+        stored_from, stored_to = written.first // CHUNK, written.end // CHUNK
+        if stored_from == stored_to:
+            # No ids stored apart: their ordinals may start again from 0.
+            first, end = 0, len(seen)
+        else:
+            end = written.end + _remembered_since(seen, written)
+            first = end - len(seen)
+        kept_from, kept_to = first // CHUNK, end // CHUNK  # the full chunks of ids, stored apart
+        if kept_from == kept_to and stored_from == stored_to:
+            tail_ids: tuple[dict[str, str], dict[str, int]] = (state.events, seen)  # all in the head
+        else:
+            removes += [f"{entity}{_EVENTS_AT}{n}" for n in range(stored_from, min(kept_from, stored_to))]
+            for n in range(kept_from, kept_to):
+                if n >= stored_to or (n == kept_from and first != written.first):
+                    chunk_ids = _ids(state.events, seen, first, end, max(n * CHUNK, first), (n + 1) * CHUNK)
+                    puts[f"{entity}{_EVENTS_AT}{n}"] = marshal.dumps(chunk_ids, 4)
+            tail_ids = _ids(state.events, seen, first, end, max(kept_to * CHUNK, first), end)
+        puts[entity] = marshal.dumps((_HEAD, CHUNK, full, segments[full * CHUNK:], first, end, *tail_ids), 4)
+
+        written.first, written.end = first, end
+        if kept_from != kept_to:  # where the next write finds the ids remembered since this one
+            written.last_id = next(reversed(seen))
+            written.last_t = seen[written.last_id]
+        return puts, removes
+
+    def read(
+        self, entity: str, head: bytes, get: Callable[[str], bytes | None]
+    ) -> tuple[KeyState, dict[str, int], Written] | None:
+        """The state whose head entry is `head` (`get` reads the key's other entries), or None when
+        a chunk is missing (expired by a state TTL before its head)."""
+        data = marshal.loads(head)
+        if len(data) == 3:  # `M2`: the whole state in one entry
+            state, seen = self.load(head)
+            return state, seen, Written()
+        _, size, full, tail, first, end, tail_events, tail_seen = data
+        if size != CHUNK:
+            raise ValueError(f"the key state of {entity!r} was written in chunks of {size}, this job reads {CHUNK}")
+        written = Written()
+        segments: list[Segment] = []
+        for n in range(full):
+            chunk = get(f"{entity}{_SEGMENTS_AT}{n}")
+            if chunk is None:
+                return None
+            written.chunks.append(marshal.loads(chunk))
+            segments += written.chunks[-1]
+        segments += tail
+        if first // CHUNK == end // CHUNK:
+            events, seen = tail_events, tail_seen
+        else:
+            events, seen = {}, {}
+            for n in range(first // CHUNK, end // CHUNK):
+                chunk = get(f"{entity}{_EVENTS_AT}{n}")
+                if chunk is None:
+                    return None
+                chunk_events, chunk_seen = marshal.loads(chunk)
+                events.update(chunk_events)
+                seen.update(chunk_seen)
+            events.update(tail_events)
+            seen.update(tail_seen)
+        written.first, written.end = first, end
+        if first // CHUNK != end // CHUNK:
+            written.last_id = next(reversed(seen))
+            written.last_t = seen[written.last_id]
+        return KeyState(segments, events), seen, written
+
+
+def _remembered_since(seen: dict[str, int], written: Written) -> int:
+    """How many ids `seen` has remembered since `written`: ids are remembered at the end and
+    forgotten at the start, so the new ones follow the last one written, unless that one is gone
+    too (then all are new). An id forgotten and remembered again has a later time."""
+    last = written.last_id
+    if last is None or seen.get(last) != written.last_t:
+        return len(seen)
+    count = 0
+    for event_id in reversed(seen):
+        if event_id == last:
+            return count
+        count += 1
+    raise AssertionError("unreachable: the last written id is in `seen`")
+
+
+def _ids(
+    events: dict[str, str], seen: dict[str, int], first: int, end: int, start: int, stop: int
+) -> tuple[dict[str, str], dict[str, int]]:
+    """The digests and times of the remembered ids of ordinals `start` to `stop` (`seen` holds those
+    of `first` to `end`, in order), read from whichever end of `seen` is nearer."""
+    if end - start <= start - first:
+        items = list(islice(reversed(seen.items()), end - start))
+        items.reverse()
+        del items[stop - start:]
+    else:
+        items = list(islice(seen.items(), start - first, stop - first))
+    return {event_id: events[event_id] for event_id, _ in items}, dict(items)
 
 
 def remember_event_ids(state: KeyState, seen: dict[str, int], applied: str | None, t: int, ttl_us: int) -> None:
@@ -460,22 +606,32 @@ class ClockStage:
         return last_t, events, rows
 
 
+class Flushed(NamedTuple):
+    """What `TimelineStage.flush` gives for one bucket: the map-state entries to put and to remove,
+    and the keys (entities) whose states they are."""
+
+    puts: dict[str, bytes]
+    removes: list[str]
+    entities: list[str]
+
+
 class TimelineStage:
     """The keys' timelines over the events of one key bucket: one transaction per event, in order.
 
     `load(event)` gives the state of a key this stage does not hold (from RocksDB, the launch
-    bootstrap or the table). Decoded states stay in memory, the last `cache_keys` used and every
-    one changed since its bucket was last flushed: this stage wrote them, and a restored or
-    rescaled job opens a new stage, so they are exactly what RocksDB holds or will hold.
-    Changed states are encoded once per checkpoint, by `flush(bucket)`, not once per event."""
+    bootstrap or the table), with what RocksDB holds of it (`Written`). Decoded states stay in
+    memory, the last `cache_keys` used and every one changed since its bucket was last flushed:
+    this stage wrote them, and a restored or rescaled job opens a new stage, so they are exactly
+    what RocksDB holds or will hold. Changed states are written once per checkpoint, by
+    `flush(bucket)`, not once per event, and only their changed chunks (`StateCodec.write`)."""
 
     def __init__(self, specs: dict[str, DatasetSpec], event_id_ttl_us: int, cache_keys: int) -> None:
         self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
         self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
         self.ttl_us = event_id_ttl_us
         self.cache_keys = cache_keys
-        #: entity -> (dataset, state, seen), least recently used first.
-        self.cache: dict[str, tuple[str, KeyState, dict[str, int]]] = {}
+        #: entity -> (dataset, state, seen, written), least recently used first.
+        self.cache: dict[str, tuple[str, KeyState, dict[str, int], Written]] = {}
         self.changed: dict[int, set[str]] = {}  # bucket -> entities changed since its last flush
         self._changed_all: set[str] = set()
 
@@ -483,7 +639,7 @@ class TimelineStage:
         self,
         bucket: int,
         events: Iterable[tuple[Any, ...]],
-        load: Callable[[tuple[Any, ...]], tuple[KeyState, dict[str, int]]],
+        load: Callable[[tuple[Any, ...]], tuple[KeyState, dict[str, int], Written]],
     ) -> list[SinkRow]:
         """The rows of the events' transactions, for the tables."""
         cache, timelines, ttl = self.cache, self.timelines, self.ttl_us
@@ -509,17 +665,20 @@ class TimelineStage:
                 break  # the rest are recent; they leave once written
             del cache[oldest]
 
-    def flush(self, bucket: int) -> dict[str, bytes]:
-        """{entity: `StateCodec.dump`} of the bucket's keys changed since its last flush."""
+    def flush(self, bucket: int) -> Flushed:
+        """What to write of the bucket's keys changed since its last flush."""
         entities = self.changed.pop(bucket, set())
         self._changed_all -= entities
         codecs, cache = self.codecs, self.cache
-        out = {}
+        puts: dict[str, bytes] = {}
+        removes: list[str] = []
         for entity in entities:
-            dataset, state, seen = cache[entity]
-            out[entity] = codecs[dataset].dump(state, seen)
+            dataset, state, seen, written = cache[entity]
+            put, remove = codecs[dataset].write(entity, state, seen, written)
+            puts.update(put)
+            removes += remove
         self._trim()
-        return out
+        return Flushed(puts, removes, sorted(entities))
 
 
 def stable_system_time(

@@ -136,7 +136,7 @@ def test_new_key_timeline_opens_what_the_transaction_opens(transaction: list[Ref
     froms, tos, positions = new_key_timeline(
         [a.op == "delete" for a in assertions], [a.valid_from for a in assertions], [a.valid_to for a in assertions], 0, len(assertions)
     )
-    assert list(zip(froms, tos, positions)) == [(s.valid_from, s.valid_to, s.payload[0]) for s in change.opened]
+    assert list(zip(froms, tos, positions)) == [(s[0], s[1], s[3][0]) for s in change.opened]
     assert change.closed == [] and change.events == []
     # The same with the leading upserts without valid_to in ascending valid time taken as known.
     ascending = 0

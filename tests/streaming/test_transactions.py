@@ -175,16 +175,16 @@ def test_the_state_codec_round_trips_text_states_and_turns_typed_ones_into_text(
     def round_trip(typed_segments: list[Segment], events: dict[str, str]) -> None:
         typed = KeyState(typed_segments, events)
         state = texts.state(typed)  # as the job holds it: payloads as their sink text
-        assert all(v is None or type(v) is str for s in state.segments for v in s.payload)
+        assert all(v is None or type(v) is str for s in state.segments for v in s[3])
         seen = {event_id: n for n, event_id in enumerate(events)}
         back, back_seen = codec.decode(codec.encode(state, seen))
         assert (back, back_seen) == (state, seen)
-        assert all(type(s) is Segment for s in back.segments)
+        assert all(type(s) is tuple for s in back.segments)  # plain tuples, as the algebra makes them
         assert codec.decode(codec.encode_typed(typed)) == (state, {})
 
     round_trip()
     typed = KeyState([Segment(1, 2, 3, (Decimal("1.5"), date(2024, 1, 1), 1, 1.0, "a", True, 5))], {"e": "d"})
-    assert codec.decode(codec.encode_typed(typed))[0].segments[0].payload == (
+    assert codec.decode(codec.encode_typed(typed))[0].segments[0][3] == (
         "1.5", "2024-01-01", "1", "1.0", "a", "true", sql_timestamp(5)
     )
 
@@ -212,7 +212,7 @@ def test_event_ids_are_forgotten_a_ttl_of_system_time_after_they_were_applied() 
 
 
 def test_bundles_go_through_the_clock_and_the_timeline_stages_as_single_records_would() -> None:
-    from chronolake.streaming.transactions import ClockStage, StateCodec, TimelineStage, bundle_records, key_bucket
+    from chronolake.streaming.transactions import ClockStage, StateCodec, TimelineStage, Written, bundle_records, key_bucket
 
     raws = [event(x=n, valid_from=f"2024-01-0{1 + n % 3}", k="ab"[n % 2], event_id=f"e{n}") for n in range(6)]
     raws.insert(3, "{broken")
@@ -232,9 +232,9 @@ def test_bundles_go_through_the_clock_and_the_timeline_stages_as_single_records_
     stage = TimelineStage({"prices": SPEC}, NEVER, cache_keys=0)
     loads: list[str] = []
 
-    def load(ev: tuple) -> tuple[KeyState, dict[str, int]]:
+    def load(ev: tuple) -> tuple[KeyState, dict[str, int], Written]:
         loads.append(ev[1])
-        return KeyState(), {}
+        return KeyState(), {}, Written()
 
     out = [row for bucket, events in by_bucket.items() for row in stage.run(bucket, events, load)]
     # The same rows as applying the records one by one.
@@ -245,9 +245,79 @@ def test_bundles_go_through_the_clock_and_the_timeline_stages_as_single_records_
             expected += apply(EntityTimeline(SPEC), state, seen, raw, 1_000_000 + n, 10 + n)
     assert sorted(out) == sorted(expected)
     assert sorted(loads) == sorted(entities)  # each key loaded once, then kept while unwritten
-    written = {entity: state for bucket in by_bucket for entity, state in stage.flush(bucket).items()}
-    assert set(written) == set(entities) and stage.cache == {}  # written, then dropped (cache_keys=0)
+    store: dict[str, bytes] = {}
+    for bucket in by_bucket:
+        flushed = stage.flush(bucket)
+        store.update(flushed.puts)
+        assert flushed.removes == [] and set(flushed.entities) <= set(entities)
+    assert set(store) == set(entities) and stage.cache == {}  # written, then dropped (cache_keys=0)
     codec = StateCodec(SPEC)
-    assert {e: codec.load(data)[0] for e, data in written.items()} == {
-        f"prices\x00('{k}',)": states[k][0] for k in "ab"
-    }
+    read = {e: codec.read(e, store[e], store.get) for e in entities}
+    assert {e: found[0] for e, found in read.items() if found} == {f"prices\x00('{k}',)": states[k][0] for k in "ab"}
+
+
+def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(monkeypatch) -> None:
+    """`StateCodec.write` rewrites only what changed (the head and the chunks that filled up or lost
+    ids); whatever the history, RocksDB (here a dict) then holds exactly the state in memory, no
+    entry the state does not use, and a state read back (a restore) writes on as the one kept in
+    memory would. Small chunks so that short histories span several."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chronolake.streaming import transactions
+    from chronolake.streaming.transactions import StateCodec, Written
+
+    monkeypatch.setattr(transactions, "CHUNK", 3)
+    codec = StateCodec(SPEC)
+    entity = "prices\x00('a',)"
+    hour = 3_600_000_000
+    event_step = st.tuples(
+        st.just("event"), st.integers(1, 28), st.sampled_from(["upsert", "upsert", "upsert", "delete"]),
+        st.integers(0, 60), st.integers(0, 9), st.booleans(), st.integers(1, 4),
+    )
+    # Mostly events, now and then a checkpoint, sometimes a restore.
+    step = st.one_of(*[event_step] * 5, st.just(("flush",)), st.just(("restart",)))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(step, min_size=10, max_size=150))
+    def history(steps: list[tuple]) -> None:
+        timeline = EntityTimeline(SPEC)
+        state, seen, written = KeyState(), {}, Written()
+        store: dict[str, bytes] = {}
+        t = 0
+        for current in [*steps, ("flush",), ("restart",)]:
+            if current[0] == "event":
+                _, day, op, event_id, x, closed, hours = current
+                t += hours * hour  # ids are forgotten 12 h after they were applied
+                fields = {"x": x, "valid_from": f"2024-01-{day:02d}", "op": op, "event_id": f"e{event_id}"}
+                if closed:
+                    fields["valid_to"] = f"2024-01-{day + 1:02d}"
+                apply(timeline, state, seen, event(**fields), t, ttl=12 * hour)
+            elif current[0] == "flush":
+                puts, removes = codec.write(entity, state, seen, written)
+                assert not set(puts) & set(removes)
+                store.update(puts)
+                for name in removes:
+                    del store[name]  # only entries that exist are removed
+                found = codec.read(entity, store[entity], store.get)
+                assert found is not None
+                assert (found[0], found[1]) == (state, seen) and list(found[1]) == list(seen)
+                used = {entity} | {name for name in store if name.startswith(entity + "\x1f")}
+                assert used == set(store)
+                reachable = {entity}
+                reachable |= {f"{entity}\x1fs{n}" for n in range(len(state.segments) // 3)}
+                reachable |= {f"{entity}\x1fe{n}" for n in range(written.first // 3, written.end // 3)}
+                assert set(store) == reachable, "no entry the state does not use"
+            elif store:  # a restore from what was written: later writes must not depend on memory
+                state, seen, written = codec.read(entity, store[entity], store.get)
+
+    history()
+
+    # The common change, a new version after the last one: only the head is rewritten.
+    timeline, state, seen, written = EntityTimeline(SPEC), KeyState(), {}, Written()
+    for day in range(1, 20):
+        apply(timeline, state, seen, event(x=day, valid_from=f"2024-01-{day:02d}", event_id=f"e{day}"), day * hour)
+    store = codec.write(entity, state, seen, written)[0]
+    assert len(store) == 1 + 19 // 3 + 19 // 3  # the head, full chunks of segments and of ids
+    apply(timeline, state, seen, event(x=0, valid_from="2024-01-20", event_id="e20"), 20 * hour)
+    assert codec.write(entity, state, seen, written) == ({entity: codec.write(entity, state, seen, Written())[0][entity]}, [])
