@@ -26,9 +26,10 @@ Pipeline (operator uids in brackets; they must never change, or restored state m
 
 Python is called once per bundle, not once per record: in thread mode each call into Python and
 each row handed back costs more than most of what the job does with a record. The key states a
-bundle changed stay decoded in the entity-timeline operator's memory and are written to RocksDB at
-the next checkpoint mark, which the bundler sends before every barrier (aligned checkpoints), so a
-checkpoint holds every state change of the records before it, each key's state written once.
+bundle changed stay decoded in the entity-timeline operator's memory, are encoded right after each
+transaction (while in cache) and are written to RocksDB at the next checkpoint mark, which the
+bundler sends before every barrier (aligned checkpoints), so a checkpoint holds every state change
+of the records before it, each key's changed entries written once.
 
 Each checkpoint is one Iceberg commit per table. A control row leaves the stable-time operator only
 after the records it covers have left the partition clock, so it is committed with them or later:
@@ -204,9 +205,9 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
 
 
 class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
-    """Keyed by key bucket: the bucket's keys' `KeyState`s in a RocksDB map state (entity -> text),
+    """Keyed by key bucket: the bucket's keys' `KeyState`s in a RocksDB map state (`StateCodec.write`),
     one transaction per event (`TimelineStage`). States changed since the last checkpoint mark are
-    kept decoded in memory and written at the next mark, which reaches this operator before the
+    kept decoded in memory, their encoded entries written at the next mark, which reaches this operator before the
     checkpoint barrier does; the rows made are held until then too (up to HELD_ROWS), whichever
     bucket's mark comes first: the tables see them with that checkpoint either way.
 

@@ -622,8 +622,12 @@ class TimelineStage:
     bootstrap or the table), with what RocksDB holds of it (`Written`). Decoded states stay in
     memory, the last `cache_keys` used and every one changed since its bucket was last flushed:
     this stage wrote them, and a restored or rescaled job opens a new stage, so they are exactly
-    what RocksDB holds or will hold. Changed states are written once per checkpoint, by
-    `flush(bucket)`, not once per event, and only their changed chunks (`StateCodec.write`)."""
+    what RocksDB holds or will hold.
+
+    A changed state is encoded right after its transaction (`StateCodec.write`, only its changed
+    chunks), while its objects are still in the processor's cache: encoding it at the checkpoint
+    mark instead, after thousands of other keys, cost several times more (the encoder then waits
+    on memory for every object of the state). The entries wait, per bucket, for `flush(bucket)`."""
 
     def __init__(self, specs: dict[str, DatasetSpec], event_id_ttl_us: int, cache_keys: int) -> None:
         self.timelines = {name: EntityTimeline(spec) for name, spec in specs.items()}
@@ -632,7 +636,8 @@ class TimelineStage:
         self.cache_keys = cache_keys
         #: entity -> (dataset, state, seen, written), least recently used first.
         self.cache: dict[str, tuple[str, KeyState, dict[str, int], Written]] = {}
-        self.changed: dict[int, set[str]] = {}  # bucket -> entities changed since its last flush
+        #: bucket -> the entries to put and to remove, and the keys changed, since its last flush.
+        self.pending: dict[int, tuple[dict[str, bytes], set[str], set[str]]] = {}
         self._changed_all: set[str] = set()
 
     def run(
@@ -642,16 +647,27 @@ class TimelineStage:
         load: Callable[[tuple[Any, ...]], tuple[KeyState, dict[str, int], Written]],
     ) -> list[SinkRow]:
         """The rows of the events' transactions, for the tables."""
-        cache, timelines, ttl = self.cache, self.timelines, self.ttl_us
+        cache, timelines, codecs, ttl = self.cache, self.timelines, self.codecs, self.ttl_us
         rows: list[SinkRow] = []
-        changed = self.changed.setdefault(bucket, set())
+        pending = self.pending.get(bucket)
+        if pending is None:
+            pending = self.pending[bucket] = ({}, set(), set())
+        puts, removes, changed = pending
         for event in events:
             entity = event[EV_ENTITY]
             entry = cache.pop(entity, None)
             if entry is None:
                 entry = (event[EV_DATASET], *load(event))
             cache[entity] = entry  # most recently used last
-            rows += timelines[entry[0]].apply(entry[1], entry[2], event, ttl)
+            dataset, state, seen, written = entry
+            rows += timelines[dataset].apply(state, seen, event, ttl)
+            put, remove = codecs[dataset].write(entity, state, seen, written)
+            for name in remove:  # what a later write puts again is not removed, and the reverse
+                puts.pop(name, None)
+                removes.add(name)
+            if removes:
+                removes.difference_update(put)
+            puts.update(put)
             changed.add(entity)
         self._changed_all |= changed
         self._trim()
@@ -667,18 +683,10 @@ class TimelineStage:
 
     def flush(self, bucket: int) -> Flushed:
         """What to write of the bucket's keys changed since its last flush."""
-        entities = self.changed.pop(bucket, set())
-        self._changed_all -= entities
-        codecs, cache = self.codecs, self.cache
-        puts: dict[str, bytes] = {}
-        removes: list[str] = []
-        for entity in entities:
-            dataset, state, seen, written = cache[entity]
-            put, remove = codecs[dataset].write(entity, state, seen, written)
-            puts.update(put)
-            removes += remove
+        puts, removes, changed = self.pending.pop(bucket, ({}, set(), set()))
+        self._changed_all -= changed
         self._trim()
-        return Flushed(puts, removes, sorted(entities))
+        return Flushed(puts, sorted(removes), sorted(changed))
 
 
 def stable_system_time(

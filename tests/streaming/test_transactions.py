@@ -258,14 +258,17 @@ def test_bundles_go_through_the_clock_and_the_timeline_stages_as_single_records_
 
 def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(monkeypatch) -> None:
     """`StateCodec.write` rewrites only what changed (the head and the chunks that filled up or lost
-    ids); whatever the history, RocksDB (here a dict) then holds exactly the state in memory, no
-    entry the state does not use, and a state read back (a restore) writes on as the one kept in
-    memory would. Small chunks so that short histories span several."""
+    ids); whatever the history of versions, forgotten ids, checkpoints and restores, RocksDB (here a
+    dict) holds after each checkpoint exactly the state the events make, and no entry the state does
+    not use; a job restored from it goes on as the first would have. Small chunks, so that short
+    histories span several."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
+    import copy
+
     from chronolake.streaming import transactions
-    from chronolake.streaming.transactions import StateCodec, Written
+    from chronolake.streaming.transactions import StateCodec, TimelineStage, Written
 
     monkeypatch.setattr(transactions, "CHUNK", 3)
     codec = StateCodec(SPEC)
@@ -279,37 +282,51 @@ def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(
     step = st.one_of(*[event_step] * 5, st.just(("flush",)), st.just(("restart",)))
 
     @settings(max_examples=200, deadline=None)
-    @given(st.lists(step, min_size=10, max_size=150))
-    def history(steps: list[tuple]) -> None:
-        timeline = EntityTimeline(SPEC)
-        state, seen, written = KeyState(), {}, Written()
+    @given(st.lists(step, min_size=10, max_size=150), st.sampled_from([0, 10]))
+    def history(steps: list[tuple], cache_keys: int) -> None:
+        # The stage under test writes into `store` (RocksDB); `state` and `seen` are the same events
+        # applied one by one in memory, reset to what was checkpointed when the job is restored.
         store: dict[str, bytes] = {}
+
+        def load(_: tuple) -> tuple[KeyState, dict[str, int], Written]:
+            if entity not in store:
+                return KeyState(), {}, Written()
+            found = codec.read(entity, store[entity], store.get)
+            assert found is not None, "a chunk the head names is missing"
+            return found
+
+        stage = TimelineStage({"prices": SPEC}, 12 * hour, cache_keys)
+        timeline, state, seen = EntityTimeline(SPEC), KeyState(), {}
+        checkpointed = copy.deepcopy((state, seen))
         t = 0
-        for current in [*steps, ("flush",), ("restart",)]:
+        for current in [*steps, ("flush",), ("restart",), ("flush",)]:
             if current[0] == "event":
                 _, day, op, event_id, x, closed, hours = current
                 t += hours * hour  # ids are forgotten 12 h after they were applied
                 fields = {"x": x, "valid_from": f"2024-01-{day:02d}", "op": op, "event_id": f"e{event_id}"}
                 if closed:
                     fields["valid_to"] = f"2024-01-{day + 1:02d}"
-                apply(timeline, state, seen, event(**fields), t, ttl=12 * hour)
+                routed = ROUTER.route(event(**fields), "s", 0, t)
+                assert isinstance(routed, Routed)
+                assert stage.run(0, [routed.event], load) == timeline.apply(state, seen, routed.event, 12 * hour)
             elif current[0] == "flush":
-                puts, removes = codec.write(entity, state, seen, written)
-                assert not set(puts) & set(removes)
-                store.update(puts)
-                for name in removes:
-                    del store[name]  # only entries that exist are removed
-                found = codec.read(entity, store[entity], store.get)
-                assert found is not None
-                assert (found[0], found[1]) == (state, seen) and list(found[1]) == list(seen)
-                used = {entity} | {name for name in store if name.startswith(entity + "\x1f")}
-                assert used == set(store)
-                reachable = {entity}
-                reachable |= {f"{entity}\x1fs{n}" for n in range(len(state.segments) // 3)}
-                reachable |= {f"{entity}\x1fe{n}" for n in range(written.first // 3, written.end // 3)}
-                assert set(store) == reachable, "no entry the state does not use"
-            elif store:  # a restore from what was written: later writes must not depend on memory
-                state, seen, written = codec.read(entity, store[entity], store.get)
+                flushed = stage.flush(0)
+                assert not set(flushed.puts) & set(flushed.removes)
+                for name in flushed.removes:
+                    store.pop(name, None)  # a chunk put and removed again since the last flush was never stored
+                store.update(flushed.puts)
+                if store:
+                    found = codec.read(entity, store[entity], store.get)
+                    assert found is not None
+                    assert (found[0], found[1]) == (state, seen) and list(found[1]) == list(seen)
+                    segments, (first, end) = len(state.segments), (found[2].first, found[2].end)
+                    reachable = {entity} | {f"{entity}\x1fs{n}" for n in range(segments // 3)}
+                    reachable |= {f"{entity}\x1fe{n}" for n in range(first // 3, end // 3)}
+                    assert set(store) == reachable, "no entry the state does not use"
+                checkpointed = copy.deepcopy((state, seen))
+            else:  # a restore from the last checkpoint: a new stage that reads what was written
+                stage = TimelineStage({"prices": SPEC}, 12 * hour, cache_keys)
+                state, seen = copy.deepcopy(checkpointed)
 
     history()
 
