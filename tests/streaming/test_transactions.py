@@ -181,6 +181,13 @@ def test_the_state_codec_round_trips_text_states_and_turns_typed_ones_into_text(
         assert (back, back_seen) == (state, seen)
         assert all(type(s) is tuple for s in back.segments)  # plain tuples, as the algebra makes them
         assert codec.decode(codec.encode_typed(typed)) == (state, {})
+        # A state of the earlier one-entry format (a checkpoint of an earlier version) restores, and
+        # its next write replaces it with a head that reads back the same.
+        entity = "mixed\x00('k',)"
+        restored, restored_seen, written = codec.read(entity, codec.dump(state, seen), {}.get)
+        assert (restored, restored_seen) == (state, seen)
+        store = dict(codec.write(entity, restored, restored_seen, written)[0])
+        assert codec.read(entity, store[entity], store.get)[:2] == (state, seen)
 
     round_trip()
     typed = KeyState([Segment(1, 2, 3, (Decimal("1.5"), date(2024, 1, 1), 1, 1.0, "a", True, 5))], {"e": "d"})
