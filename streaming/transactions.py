@@ -359,9 +359,9 @@ _HEAD = 3  # the format of a head entry (an `M2` state is a 3-tuple, a head an 8
 
 class Written:
     """What RocksDB holds of one key's state, as its stage last wrote or read it (`StateCodec.write`):
-    the full chunks of its segments, and the ordinals of
-    its remembered event ids (each id gets the next ordinal when it is remembered; they are
-    forgotten oldest first), with the last one's id and time to find where new ones start."""
+    the full chunks of its segments, and the ordinals of its remembered event ids (each id gets the
+    next ordinal when it is remembered; they are forgotten oldest first), with the last one's id
+    and time, to find where the ids remembered since begin."""
 
     __slots__ = ("chunks", "first", "end", "last_id", "last_t")
 
@@ -380,9 +380,9 @@ class StateCodec:
     In RocksDB a key's state is a head entry under its entity name and chunks of CHUNK segments and
     CHUNK remembered event ids under the name with a suffix, so that a checkpoint rewrites only
     what changed: the head (the counts, the last segments and ids) and the chunks that filled up or
-    lost ids. `marshal` of plain tuples throughout. A head may also be a whole state in the earlier
-    `M2` format (`dump`), as checkpoints of earlier versions hold; it is rewritten in chunks at the
-    key's next change."""
+    lost ids; a state of at most CHUNK segments and ids is its head alone. `marshal` of plain
+    tuples throughout. A head may also be a whole state in the earlier one-entry `M2` format
+    (`dump`), as checkpoints of earlier versions hold; the key's next change rewrites it as a head."""
 
     TAG = "M2:"
 
