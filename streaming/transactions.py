@@ -372,6 +372,14 @@ class Written:
         self.last_id: str | None = None
         self.last_t: int | None = None
 
+    def ids(self, seen: dict[str, int], first: int, end: int) -> None:
+        """RocksDB now holds the ids of `seen`, of ordinals `first` to `end`. Where the next write
+        finds the ids remembered since matters only while some are stored apart from the head."""
+        self.first, self.end = first, end
+        if first // CHUNK != end // CHUNK:
+            self.last_id = next(reversed(seen))
+            self.last_t = seen[self.last_id]
+
 
 class StateCodec:
     """A key's `KeyState` (payloads as text, `Texts`) as the job keeps it in RocksDB (`write`,
@@ -452,10 +460,7 @@ class StateCodec:
             tail_ids = _ids(state.events, seen, first, end, max(kept_to * CHUNK, first), end)
         puts[entity] = marshal.dumps((_HEAD, CHUNK, full, segments[full * CHUNK:], first, end, *tail_ids), 4)
 
-        written.first, written.end = first, end
-        if kept_from != kept_to:  # where the next write finds the ids remembered since this one
-            written.last_id = next(reversed(seen))
-            written.last_t = seen[written.last_id]
+        written.ids(seen, first, end)
         return puts, removes
 
     def read(
@@ -492,10 +497,7 @@ class StateCodec:
                 seen.update(chunk_seen)
             events.update(tail_events)
             seen.update(tail_seen)
-        written.first, written.end = first, end
-        if first // CHUNK != end // CHUNK:
-            written.last_id = next(reversed(seen))
-            written.last_t = seen[written.last_id]
+        written.ids(seen, first, end)
         return KeyState(segments, events), seen, written
 
 
