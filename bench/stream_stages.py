@@ -3,8 +3,9 @@
     PYTHONPATH=.cache/job-python .venv/job/bin/python bench/stream_stages.py [--events 300000] [--keys 50000]
 
 Runs the job's pure stages (`chronolake.streaming.transactions`) over the events `bench/stream.py`
-produces, in bundles as `RecordBundler` makes them, with a checkpoint (every changed key state
-written) every `--checkpoint-events`, and prints microseconds per event for each step. What the
+produces, in bundles as `RecordBundler` makes them, with a checkpoint (the changed key states'
+entries handed over, the heap settled) every `--checkpoint-events`, and prints microseconds per
+event for each step; the timeline step includes encoding the states it changes. What the
 job spends beyond these figures is PyFlink's (calls into Python, rows handed back, state access).
 Run by `.cache/job-python` on `PYTHONPATH` (what `scripts/setup` and any stream run create) so the
 job's own interpreter and packages are measured.

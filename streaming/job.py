@@ -207,9 +207,10 @@ class PartitionClock(KeyedProcessFunction):  # type: ignore[misc]
 class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
     """Keyed by key bucket: the bucket's keys' `KeyState`s in a RocksDB map state (`StateCodec.write`),
     one transaction per event (`TimelineStage`). States changed since the last checkpoint mark are
-    kept decoded in memory, their encoded entries written at the next mark, which reaches this operator before the
-    checkpoint barrier does; the rows made are held until then too (up to HELD_ROWS), whichever
-    bucket's mark comes first: the tables see them with that checkpoint either way.
+    kept decoded in memory and their encoded entries are written at the next mark, which reaches
+    this operator before the checkpoint barrier does; the rows made are held until then too (up to
+    HELD_ROWS), whichever bucket's mark comes first: the tables see them with that checkpoint
+    either way.
 
     A key the state has never known starts from the table's state at launch (the bootstrap file).
     With a state TTL (`state_ttl_ms`), a key idle that long loses its state; a `known` flag
@@ -234,8 +235,8 @@ class KeyTimeline(KeyedProcessFunction):  # type: ignore[misc]
         self.held = RowBundles()  # rows made since the last checkpoint mark (HELD_ROWS)
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        # entity (and its chunks) -> `StateCodec.write`. PICKLED_BYTE_ARRAY: thread mode hands a PRIMITIVE_ARRAY(BYTE)
-        # state value to Python as a tuple of ints (and fails on a missing one).
+        # entity (and its chunks) -> `StateCodec.write`. PICKLED_BYTE_ARRAY: thread mode hands a
+        # PRIMITIVE_ARRAY(BYTE) state value to Python as a tuple of ints (and fails on a missing one).
         descriptor = MapStateDescriptor("key_states", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
         if self.state_ttl_ms > 0:
             descriptor.enable_time_to_live(
@@ -314,9 +315,10 @@ _settled = {"frozen": 0.0, "thawed": time.monotonic()}
 
 def settle_heap() -> None:
     """Keeps the interpreter's cyclic garbage collector off the decoded key states (the timeline
-    calls it at checkpoint marks). Those are millions of long-lived tuples (`Segment`s, a tuple
-    subclass, are never untracked), and every full collection walked all of them again: a quarter
-    of the timeline thread's Python time in a perf profile of `bench/stream.py`. At most every
+    calls it at checkpoint marks). Those are millions of long-lived objects (each key's lists and
+    dicts; its segments are plain tuples, which the collector stops tracking), and every full
+    collection walked all of them again: a quarter of the timeline thread's Python time in a perf
+    profile of `bench/stream.py` (when segments were `NamedTuple` instances, never untracked). At most every
     SETTLE_INTERVAL_S: collect, then move every object left into the permanent generation
     (`gc.freeze`), which later collections skip. Frozen objects are still freed when their last
     reference goes (the states hold no reference cycles); a cycle that was alive at a freeze and
