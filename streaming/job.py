@@ -22,7 +22,9 @@ Pipeline (operator uids in brackets; they must never change, or restored state m
                         of their high-water mark, published every --stable-interval-ms as a control
                         row per dataset (side outputs)
     -> per table: the union of its side outputs (JSON bundles of rows) -> [rows-<table>] (Java,
-       `JsonRows`) one row per row -> Flink SQL INSERT INTO the Iceberg table
+       `JsonRows`) one row per row, in the table's types -> Iceberg's Flink sink
+       [iceberg-<table>-writer], [iceberg-<table>-committer] (`IcebergRows`: explicit uids, so the
+       committer's state outlives changes elsewhere in the job)
 
 Python is called once per bundle, not once per record: in thread mode each call into Python and
 each row handed back costs more than most of what the job does with a record. The key states a
@@ -64,7 +66,7 @@ from pyflink.table import StreamTableEnvironment
 
 from chronolake.iceberg.algebra import KeyState
 from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, QUARANTINE_SUFFIX, DatasetSpec
-from chronolake.streaming.catalog import catalog_properties, with_clause
+from chronolake.streaming.catalog import catalog_properties
 from chronolake.streaming.sources import KAFKA, KINESIS, RECORDS_QUERY, SOURCES, KafkaSource, KinesisSource
 from chronolake.streaming.transactions import (
     EV_DATASET,
@@ -78,7 +80,6 @@ from chronolake.streaming.transactions import (
     Written,
     bundle_records,
     entity_id,
-    insert_sql,
     micros_columns,
     stable_system_time,
 )
@@ -464,9 +465,6 @@ def run(args: argparse.Namespace) -> None:
     env = execution_environment(build_configuration(args))
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
-    t_env.execute_sql(
-        f"CREATE CATALOG {CATALOG} WITH ({with_clause(catalog_properties(Path(plan['home'])))})"
-    )
     # (payload, partition, position, log time ms), whichever the log (chronolake.streaming.sources).
     source = (
         KinesisSource(args.stream, args.region, args.endpoint or None)
@@ -510,26 +508,22 @@ def run(args: argparse.Namespace) -> None:
         .name("stable-time")
     )
 
-    statements = t_env.create_statement_set()
+    catalog = _java_map(catalog_properties(Path(plan["home"])))
     columns = {name: DatasetSpec.from_json(name, text).table_columns() for name, text in specs.items()}
-    for index, (table, tag) in enumerate(sorted(tags.items())):
+    for table, tag in sorted(tags.items()):
         table_columns = columns.get(table, QUARANTINE_COLUMNS)
         bundled = clocked.get_side_output(tag).union(versions.get_side_output(tag), controls.get_side_output(tag))
-        unbundle = jvm.io.chronolake.flink.JsonRows(
-            _java_strings([c.name for c in table_columns]), _java_strings(list(micros_columns(table)))
+        jvm.io.chronolake.flink.IcebergRows.append(
+            bundled._j_data_stream, _java_strings([c.name for c in table_columns]),
+            _java_strings(list(micros_columns(table))), CATALOG, catalog, namespace, table,
         )
-        rows = DataStream(bundled._j_data_stream.flatMap(unbundle).uid(f"rows-{table}").name(f"rows-{table}"))
-        view = f"rows_{index}"
-        t_env.create_temporary_view(view, t_env.from_data_stream(rows))
-        statements.add_insert_sql(insert_sql(CATALOG, namespace, table, view, table_columns))
-    result = statements.execute()
     if args.jobmanager:
         # Detached: the cluster runs the job; `chronolake stream` follows and cancels it over REST.
-        job_id = str(result.get_job_client().get_job_id())
+        job_id = str(env.execute_async(args.job_name).get_job_id())
         Path(args.job_id_file).write_text(job_id)
         print(f"submitted job {job_id} to {args.jobmanager}")
         return
-    result.wait()
+    env.execute(args.job_name)
 
 
 def bundle_ms(idle_partition_ms: int) -> int:
@@ -537,6 +531,13 @@ def bundle_ms(idle_partition_ms: int) -> int:
     stable time (a partition whose ticks pause for `idle_partition_ms` is taken as caught up, so
     records held back that long could land below a stable time already published)."""
     return max(1, min(BUNDLE_MS, idle_partition_ms // 4))
+
+
+def _java_map(values: dict[str, str]) -> Any:
+    found = get_gateway().jvm.java.util.HashMap()
+    for key, value in values.items():
+        found.put(key, value)
+    return found
 
 
 def _java_strings(values: list[str]) -> Any:

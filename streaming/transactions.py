@@ -2,7 +2,7 @@
 
 Imported by the job's Python functions inside the Flink mini-cluster (thread mode), so it uses only
 the standard library and the pure modules of `chronolake.iceberg` (algebra, parsing, dataset,
-temporal). The tools env imports it too, for unit tests and for the SQL the job runs.
+temporal). The tools env imports it too, for unit tests.
 
 Flow per record: `system_time` (per source partition, in partition order) -> `EventRouter.route`
 (decode, pick the dataset, validate with the shared `AssertionParser`; bad input becomes a
@@ -10,8 +10,8 @@ quarantine row; a good one becomes a `Routed` whose `event` is a plain tuple tha
 next operator as it is) -> `EntityTimeline.apply` (one `KeyTransaction` at `t` on the key's
 `KeyState`) -> rows of the twin-row layout, each a `SinkRow` addressed to one Iceberg table.
 
-Every value of a sink row is text (or None): Flink SQL casts the text to the table's column types
-(`insert_sql`). Payloads are turned into that text once, when an event is validated, and the job's
+Every value of a sink row is text (or None), but for the times (`micros_columns`): the job's Java
+side (`io.chronolake.flink.JsonRows`) parses the text as the table's column types. Payloads are turned into that text once, when an event is validated, and the job's
 key states hold them as text too (`StateCodec`): the algebra never looks inside a payload, so
 nothing is converted back and forth per record. Event digests are taken from the typed payload
 (`Assertion.digest`), exactly as a batch load takes them, so a redelivery is recognised whichever
@@ -27,13 +27,13 @@ import math
 import zlib
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from operator import itemgetter
 from typing import Any, NamedTuple
 
 from chronolake.iceberg.algebra import Assertion, Key, KeyState, KeyTransaction, Segment
-from chronolake.iceberg.dataset import CONTROL, FILE, LEDGER_PREFIX, QUARANTINE_SUFFIX, TIME_COLUMNS, Column, DatasetSpec
+from chronolake.iceberg.dataset import CONTROL, FILE, LEDGER_PREFIX, QUARANTINE_SUFFIX, TIME_COLUMNS, DatasetSpec
 from chronolake.iceberg.parsing import AssertionParser, InvalidAssertion
 from chronolake.iceberg.twins import StoredRow, change_rows, marker_row
 from chronolake.streaming.sources import record_source
@@ -103,29 +103,8 @@ def micros_columns(table: str) -> tuple[str, ...]:
     return QUARANTINE_MICROS_COLUMNS if table.endswith(QUARANTINE_SUFFIX) else MICROS_COLUMNS
 
 
-def _sql_cast(name: str, column_type: str, micros: bool = False) -> str:
-    quoted = f"`{name}`"
-    if micros:
-        return f"CAST({quoted} AS TIMESTAMP_LTZ(6))"  # an Instant (TIMESTAMP_LTZ(9)) of whole microseconds
-    if column_type == "string":
-        return quoted
-    if column_type == "timestamp":
-        # Flink 1.20's TO_TIMESTAMP_LTZ takes only precision 0 or 3; the session zone is UTC.
-        return f"CAST(CAST({quoted} AS TIMESTAMP(6)) AS TIMESTAMP_LTZ(6))"
-    sql_type = {"long": "BIGINT", "double": "DOUBLE", "date": "DATE", "boolean": "BOOLEAN"}.get(column_type)
-    return f"CAST({quoted} AS {sql_type or column_type.upper()})"
-
-
-def insert_sql(catalog: str, namespace: str, table: str, view: str, columns: Sequence[Column]) -> str:
-    """`INSERT INTO` a table from a view of its columns (`micros_columns` as instants, the others text)."""
-    names = ", ".join(f"`{c.name}`" for c in columns)
-    micros = micros_columns(table)
-    casts = ", ".join(_sql_cast(c.name, c.type, c.name in micros) for c in columns)
-    return f"INSERT INTO `{catalog}`.`{namespace}`.`{table}` ({names}) SELECT {casts} FROM `{view}`"
-
-
 def _text(value: Any, column_type: str) -> Text:
-    """A payload or key value (the algebra's representation) as text Flink SQL casts back exactly."""
+    """A payload or key value (the algebra's representation) as text `JsonRows` parses back exactly."""
     if value is None:
         return None
     if column_type == "timestamp":

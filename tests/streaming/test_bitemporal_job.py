@@ -11,13 +11,15 @@ job assigned are read from the table (the first row carrying each event id).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
 import subprocess
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +330,74 @@ def check_against_reference(prices: Dataset, records: dict[tuple[int, int], tupl
             assert set(got) <= set(KEYS) | {f"end-{p}" for p in range(PARTITIONS)}
             for key in KEYS:
                 assert got.get(key) == model.as_of(key, v, t), f"key={key} v={v} t={t}"
+
+
+TYPED_COLUMNS = {"d": "decimal(18,6)", "day": "date", "n": "long", "x": "double", "s": "string", "b": "boolean",
+                 "ts": "timestamp"}
+# key -> (the event's payload as produced, the values the table must hold, in TYPED_COLUMNS order)
+TYPED_CASES: dict[str, tuple[dict[str, Any], tuple[Any, ...]]] = {
+    "extremes-low": (
+        {"d": "-999999999999.999999", "day": "0001-01-01", "n": -(2**63), "x": "-Infinity", "s": "é😀\x00x",
+         "b": True, "ts": "1900-01-01T00:00:00.000001Z"},
+        (Decimal("-999999999999.999999"), date(1, 1, 1), -(2**63), float("-inf"), "é😀\x00x", True,
+         datetime(1900, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc)),
+    ),
+    "extremes-high": (
+        {"d": "999999999999.999999", "day": "9999-12-30", "n": 2**63 - 1, "x": 1e300, "s": "", "b": False,
+         "ts": "9999-12-30T23:59:59.999999Z"},
+        (Decimal("999999999999.999999"), date(9999, 12, 30), 2**63 - 1, 1e300, "", False,
+         datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+    ),
+    "ordinary": (
+        {"d": 1.5, "day": "2024-02-29", "n": 0, "x": 5e-324, "s": "a,b\"c", "b": True, "ts": "2024-02-29T12:30:00+02:00"},
+        (Decimal("1.500000"), date(2024, 2, 29), 0, 5e-324, "a,b\"c", True,
+         datetime(2024, 2, 29, 10, 30, tzinfo=timezone.utc)),
+    ),
+    "signed-zero-and-nan": (
+        {"d": "-0", "x": "NaN", "ts": "1970-01-01T00:00:00Z"},
+        (Decimal("0.000000"), None, None, "nan", None, None, datetime(1970, 1, 1, tzinfo=timezone.utc)),
+    ),
+    "nulls": ({"x": -0.0}, (None, None, None, -0.0, None, None, None)),
+}
+
+
+@pytest.mark.integration
+def test_every_column_type_reaches_the_table_with_its_exact_value(
+    kafka_broker: LocalKafkaBroker, job_runtime: JobRuntime, tmp_path: Path
+) -> None:
+    """The job hands payloads to Java as text and Java parses them as the table's types: every type,
+    at its extremes, with nulls, NaN, infinities and signed zeros, reads back as the value sent."""
+    home = tmp_path / "home"
+    topic = "typed"
+    kafka_broker.create_topic(topic, partitions=1)
+    lake = Lake(home)
+    typed = lake.create_dataset("typed", key=["k"], columns=TYPED_COLUMNS, buckets=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers, acks="all")
+    for key, (payload, _) in TYPED_CASES.items():
+        event = {"dataset": "typed", "k": key, "valid_from": "2024-01-01", "event_id": key, **payload}
+        producer.send(topic, key=key.encode(), value=json.dumps(event).encode()).get(timeout=30)
+    producer.close()
+    log = tmp_path / "job.log"
+    settings = StreamJobSettings(
+        home=home, datasets=["typed"], bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic,
+        work_dir=tmp_path / "job", stable_interval_ms=500, idle_partition_ms=2000, restart_attempts=20,
+    )
+    job = launch_stream_job(settings, log, job_runtime)
+    try:
+        wait_until(lambda: len(set(rows_of(typed)[EVENT_ID].to_pylist()) & set(TYPED_CASES)) == len(TYPED_CASES),
+                   job, log, "every typed event committed")
+    finally:
+        stop(job)
+    rows = rows_of(typed)
+    opened = rows.filter(pc.equal(rows[ROW_KIND], OPEN))
+    found = {k: values for k, *values in zip(*(opened[name].to_pylist() for name in ["k", *TYPED_COLUMNS]))}
+    assert set(found) == set(TYPED_CASES)
+    for key, (_, expected) in TYPED_CASES.items():
+        for column, want, got in zip(TYPED_COLUMNS, expected, found[key]):
+            if want == "nan":
+                assert isinstance(got, float) and math.isnan(got), (key, column, got)
+            elif isinstance(want, float):
+                assert got == want and math.copysign(1, got) == math.copysign(1, want), (key, column, got)
+            else:
+                assert got == want and type(got) is type(want), (key, column, got)
+    assert not lake.catalog.load_table((lake.settings.namespace, "typed__quarantine")).scan().to_arrow().num_rows

@@ -1,72 +1,134 @@
 package io.chronolake.flink;
 
-import java.time.Instant;
-import java.util.ArrayList;
-import java.util.List;
+import java.math.BigDecimal;
+import java.time.LocalDate;
+import java.time.LocalDateTime;
+import java.util.Arrays;
+import java.util.HashSet;
+import java.util.Set;
 
 import org.apache.flink.api.common.functions.FlatMapFunction;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
-import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.api.java.typeutils.ResultTypeQueryable;
-import org.apache.flink.api.java.typeutils.RowTypeInfo;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonParser;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonToken;
+import org.apache.flink.table.data.DecimalData;
+import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.data.StringData;
+import org.apache.flink.table.data.TimestampData;
+import org.apache.flink.table.runtime.typeutils.InternalTypeInfo;
+import org.apache.flink.table.types.logical.DecimalType;
+import org.apache.flink.table.types.logical.LogicalType;
+import org.apache.flink.table.types.logical.RowType;
 import org.apache.flink.types.Row;
 import org.apache.flink.util.Collector;
 
 /**
- * Turns a bundle of table rows written by the Python operators back into rows: the input's first
- * field is a JSON array of arrays (UTF-8 bytes, or a string), one per row, each holding the table's columns in the order of
- * {@code columns}. A column named in {@code micros} holds an integer, microseconds since the epoch,
- * and comes out as an {@link Instant}; every other column holds a string and comes out as one (the
- * INSERT casts it to the table's type). Any column may be null.
+ * Turns a bundle of table rows written by the Python operators into the table's rows: the input's
+ * first field is a JSON array of arrays (UTF-8 bytes, or a string), one per row, each holding the
+ * columns named in {@code columns}, in that order. A column named in {@code micros} holds an integer,
+ * microseconds since the epoch; every other column holds its value as text (written by
+ * {@code chronolake.streaming.transactions}: decimals in plain notation, dates {@code yyyy-MM-dd},
+ * timestamps {@code yyyy-MM-dd HH:mm:ss.ffffff} UTC, doubles as Python prints them, booleans
+ * {@code true}/{@code false}). Any column may be null. The output rows have the table's schema
+ * ({@code rowType}, in its column order), as Iceberg's Flink sink writes them.
  */
-public final class JsonRows implements FlatMapFunction<Row, Row>, ResultTypeQueryable<Row> {
+public final class JsonRows implements FlatMapFunction<Row, RowData>, ResultTypeQueryable<RowData> {
 
-    private static final long serialVersionUID = 1L;
+    private static final long serialVersionUID = 2L;
     private static final JsonFactory JSON = new JsonFactory();
 
-    private final String[] columns;
+    private final RowType rowType;
+    private final int[] positions;
+    private final LogicalType[] types;
     private final boolean[] instants;
 
-    public JsonRows(String[] columns, String[] micros) {
-        this.columns = columns.clone();
+    public JsonRows(String[] columns, String[] micros, RowType rowType) {
+        this.rowType = rowType;
+        if (columns.length != rowType.getFieldCount()) {
+            throw new IllegalArgumentException("row bundles carry " + Arrays.toString(columns)
+                    + " but the table has " + rowType.getFieldNames());
+        }
+        Set<String> timed = new HashSet<>(Arrays.asList(micros));
+        this.positions = new int[columns.length];
+        this.types = new LogicalType[columns.length];
         this.instants = new boolean[columns.length];
-        java.util.Set<String> timed = new java.util.HashSet<>(java.util.Arrays.asList(micros));
         for (int i = 0; i < columns.length; i++) {
+            positions[i] = rowType.getFieldIndex(columns[i]);
+            if (positions[i] < 0) {
+                throw new IllegalArgumentException("the table has no column " + columns[i] + ": " + rowType.getFieldNames());
+            }
+            types[i] = rowType.getTypeAt(positions[i]);
             instants[i] = timed.contains(columns[i]);
         }
     }
 
     @Override
-    public void flatMap(Row bundle, Collector<Row> out) throws Exception {
+    public void flatMap(Row bundle, Collector<RowData> out) throws Exception {
         Object field = bundle.getField(0);
         try (JsonParser parser = field instanceof byte[] ? JSON.createParser((byte[]) field) : JSON.createParser((String) field)) {
             expect(parser.nextToken(), JsonToken.START_ARRAY);
-            List<Object> values = new ArrayList<>(columns.length);
             for (JsonToken token = parser.nextToken(); token != JsonToken.END_ARRAY; token = parser.nextToken()) {
                 expect(token, JsonToken.START_ARRAY);
-                values.clear();
-                for (token = parser.nextToken(); token != JsonToken.END_ARRAY; token = parser.nextToken()) {
-                    int column = values.size();
-                    if (token == JsonToken.VALUE_NULL) {
-                        values.add(null);
-                    } else if (column < columns.length && instants[column] && token == JsonToken.VALUE_NUMBER_INT) {
-                        long micros = parser.getLongValue();
-                        values.add(Instant.ofEpochSecond(Math.floorDiv(micros, 1_000_000L), Math.floorMod(micros, 1_000_000L) * 1_000L));
-                    } else if (column < columns.length && !instants[column] && token == JsonToken.VALUE_STRING) {
-                        values.add(parser.getText());
-                    } else {
-                        throw new IllegalArgumentException("row bundle: unexpected " + token + " in column " + column);
+                GenericRowData row = new GenericRowData(positions.length);
+                int column = 0;
+                for (token = parser.nextToken(); token != JsonToken.END_ARRAY; token = parser.nextToken(), column++) {
+                    if (column >= positions.length) {
+                        throw new IllegalArgumentException("row bundle: more than " + positions.length + " values in a row");
                     }
+                    row.setField(positions[column], value(parser, token, column));
                 }
-                if (values.size() != columns.length) {
-                    throw new IllegalArgumentException(
-                            "row bundle: " + values.size() + " values for " + columns.length + " columns");
+                if (column != positions.length) {
+                    throw new IllegalArgumentException("row bundle: " + column + " values for " + positions.length + " columns");
                 }
-                out.collect(Row.of(values.toArray()));
+                out.collect(row);
             }
+        }
+    }
+
+    private Object value(JsonParser parser, JsonToken token, int column) throws Exception {
+        if (token == JsonToken.VALUE_NULL) {
+            return null;
+        }
+        if (instants[column]) {
+            expect(token, JsonToken.VALUE_NUMBER_INT);
+            long micros = parser.getLongValue();
+            return TimestampData.fromEpochMillis(Math.floorDiv(micros, 1_000L), (int) Math.floorMod(micros, 1_000L) * 1_000);
+        }
+        expect(token, JsonToken.VALUE_STRING);
+        String text = parser.getText();
+        LogicalType type = types[column];
+        switch (type.getTypeRoot()) {
+            case CHAR:
+            case VARCHAR:
+                return StringData.fromString(text);
+            case BOOLEAN:
+                return Boolean.parseBoolean(text);
+            case INTEGER:
+                return Integer.parseInt(text);
+            case BIGINT:
+                return Long.parseLong(text);
+            case DOUBLE:
+                return Double.parseDouble(text);
+            case DECIMAL: {
+                DecimalType decimal = (DecimalType) type;
+                BigDecimal parsed = new BigDecimal(text);
+                DecimalData found = DecimalData.fromBigDecimal(parsed, decimal.getPrecision(), decimal.getScale());
+                if (found == null || (parsed.scale() > decimal.getScale() && parsed.stripTrailingZeros().scale() > decimal.getScale())) {
+                    throw new IllegalArgumentException("row bundle: " + text + " is not exactly a " + type);  // never rounded
+                }
+                return found;
+            }
+            case DATE:
+                return (int) LocalDate.parse(text).toEpochDay();
+            case TIMESTAMP_WITHOUT_TIME_ZONE:
+            case TIMESTAMP_WITH_LOCAL_TIME_ZONE:
+                // UTC wall-clock text: the same instant either way, as the table stores it.
+                return TimestampData.fromLocalDateTime(LocalDateTime.parse(text.replace(' ', 'T')));
+            default:
+                throw new IllegalArgumentException("row bundle: no conversion to " + type);
         }
     }
 
@@ -77,11 +139,7 @@ public final class JsonRows implements FlatMapFunction<Row, Row>, ResultTypeQuer
     }
 
     @Override
-    public TypeInformation<Row> getProducedType() {
-        TypeInformation<?>[] types = new TypeInformation<?>[columns.length];
-        for (int i = 0; i < columns.length; i++) {
-            types[i] = instants[i] ? Types.INSTANT : Types.STRING;
-        }
-        return new RowTypeInfo(types, columns);
+    public TypeInformation<RowData> getProducedType() {
+        return InternalTypeInfo.of(rowType);
     }
 }
