@@ -11,9 +11,10 @@ next operator as it is) -> `EntityTimeline.apply` (one `KeyTransaction` at `t` o
 `KeyState`) -> rows of the twin-row layout, each a `SinkRow` addressed to one Iceberg table.
 
 Every value of a sink row is text (or None), but for the times (`micros_columns`): the job's Java
-side (`io.chronolake.flink.JsonRows`) parses the text as the table's column types. Payloads are turned into that text once, when an event is validated, and the job's
-key states hold them as text too (`StateCodec`): the algebra never looks inside a payload, so
-nothing is converted back and forth per record. Event digests are taken from the typed payload
+side (`io.chronolake.flink.JsonRows`) parses the text as the table's column types. Payloads are
+turned into that text once, when an event is validated, and the job's key states hold them as text
+too (`StateCodec`): the algebra never looks inside a payload, so nothing is converted back and
+forth per record. Event digests are taken from the typed payload
 (`Assertion.digest`), exactly as a batch load takes them, so a redelivery is recognised whichever
 path stored the first delivery.
 """

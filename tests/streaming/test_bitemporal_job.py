@@ -349,7 +349,8 @@ TYPED_CASES: dict[str, tuple[dict[str, Any], tuple[Any, ...]]] = {
          datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=timezone.utc)),
     ),
     "ordinary": (
-        {"d": 1.5, "day": "2024-02-29", "n": 0, "x": 5e-324, "s": "a,b\"c", "b": True, "ts": "2024-02-29T12:30:00+02:00"},
+        {"d": 1.5, "day": "2024-02-29", "n": 0, "x": 5e-324, "s": "a,b\"c", "b": True,
+         "ts": "2024-02-29T12:30:00+02:00"},
         (Decimal("1.500000"), date(2024, 2, 29), 0, 5e-324, "a,b\"c", True,
          datetime(2024, 2, 29, 10, 30, tzinfo=timezone.utc)),
     ),

@@ -40,16 +40,30 @@ public final class IcebergRows {
         CatalogLoader catalogLoader = CatalogLoader.custom(catalogName, properties, new Configuration(), impl);
         TableLoader tableLoader = TableLoader.fromCatalog(catalogLoader, TableIdentifier.of(namespace, table));
         tableLoader.open();
-        Table loaded = tableLoader.loadTable();
-        RowType rowType = FlinkSchemaUtil.convert(loaded.schema());
-        DataStream<RowData> rows = bundles
-                .flatMap(new JsonRows(columns, micros, rowType))
-                .uid("rows-" + table)
-                .name("rows-" + table);
-        return FlinkSink.forRowData(rows)
-                .table(loaded)
-                .tableLoader(tableLoader)
-                .uidPrefix("iceberg-" + table)
-                .append();
+        try {
+            Table loaded = tableLoader.loadTable();
+            RowType rowType = FlinkSchemaUtil.convert(loaded.schema());
+            DataStream<RowData> rows = bundles
+                    .flatMap(new JsonRows(columns, micros, rowType))
+                    .uid("rows-" + table)
+                    .name("rows-" + table);
+            // The sink keeps a serializable copy of the table and of the loader (which the
+            // committer opens where it runs): this open catalog is needed only until here.
+            return FlinkSink.forRowData(rows)
+                    .table(loaded)
+                    .tableLoader(tableLoader)
+                    .uidPrefix("iceberg-" + table)
+                    .append();
+        } finally {
+            close(tableLoader);
+        }
+    }
+
+    private static void close(TableLoader loader) {
+        try {
+            loader.close();
+        } catch (java.io.IOException e) {
+            throw new java.io.UncheckedIOException(e);
+        }
     }
 }
