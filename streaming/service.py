@@ -126,6 +126,7 @@ class StreamService:
         self.broker: LocalKafkaBroker | None = None
         self.job: subprocess.Popen[bytes] | None = None
         self.restored_from: Path | None = None
+        self.log_start = 0  # where this run's part of the job log begins
         self.created_topic = False
         self.cluster = SessionCluster.parse(options.jobmanager) if options.jobmanager else None
         self.job_id: str | None = None  # the job on the cluster
@@ -192,7 +193,7 @@ class StreamService:
             job_name=options.job_name,
             cluster_python=options.cluster_python,
         )
-        log_start = self.log.stat().st_size if self.log.is_file() else 0
+        log_start = self.log_start = self.log.stat().st_size if self.log.is_file() else 0
         self.job = launch_stream_job(settings, self.log, self.runtime)
         if self.cluster is not None:
             self.job_id = self._submitted(settings.job_id_file, log_start)
@@ -252,7 +253,7 @@ class StreamService:
             return
         if not self.running():
             code = None if self.job is None else self.job.returncode
-            raise StreamServiceError(f"the streaming job stopped (exit code {code}); its log: {self.log}")
+            raise StreamServiceError(job_stopped(code, self.log, self.log_start, self.restored_from))
 
     def wait_until_stable(self, dataset: str, at_least_us: int, timeout_s: float = 300.0) -> int:
         """Wait until the dataset's stable system time reaches `at_least_us`; returns it."""
@@ -297,6 +298,18 @@ class StreamService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def job_stopped(code: int | None, log: Path, start: int, restored_from: Path | None) -> str:
+    """One line on why the local job stopped, from what it wrote to its log after `start`."""
+    cause = _last_cause(log, start)
+    if cause is not None and restored_from is not None and "Cannot map checkpoint/savepoint state" in cause:
+        return (
+            f"the streaming job cannot restore {restored_from}: it holds the state of operators this job does not "
+            f"have (a checkpoint of another job, or of an earlier chronolake whose Iceberg sink had no fixed "
+            f"operator ids); its log: {log}"
+        )
+    return f"the streaming job stopped (exit code {code})" + (f": {cause}" if cause else "") + f"; its log: {log}"
 
 
 def _last_cause(log: Path, start: int) -> str | None:

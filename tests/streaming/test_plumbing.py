@@ -271,3 +271,43 @@ def test_restart_from_latest_checkpoint_after_a_crash_loses_and_repeats_nothing(
     table = open_catalog(home).load_table("plumbing.events")
     rows = check_exactly_once(table)
     assert set(rows["udf_parent_pid"].to_pylist()) == {crashed.pid, restored.pid}
+
+
+@pytest.mark.integration
+def test_the_bitemporal_job_refuses_a_checkpoint_of_another_job_in_one_line(
+    kafka_broker: LocalKafkaBroker, job_runtime: JobRuntime, tmp_path: Path
+) -> None:
+    """A checkpoint whose operators the job does not have (another job's, or one taken before a
+    change of operator ids) is refused at start with one line that names it, not a stack trace."""
+    from chronolake.lake import Lake
+    from chronolake.streaming.runtime import StreamJobSettings, launch_stream_job
+    from chronolake.streaming.service import job_stopped
+
+    home = tmp_path / "home"
+    topic = "plumbing-foreign"
+    table = prepare(kafka_broker, home, topic)
+    log = tmp_path / "job.log"
+    produce(kafka_broker, topic, range(FIRST_WAVE))
+    plumbing = start_job(job_runtime, kafka_broker, topic, home, tmp_path, log)
+    try:
+        wait_for_rows(table, FIRST_WAVE, plumbing, log)
+    finally:
+        kill(plumbing)
+    checkpoint = retained_checkpoint(tmp_path / "checkpoints")
+
+    lake_home = tmp_path / "lake"
+    Lake(lake_home).create_dataset("prices", key=["k"], columns={"x": "long"})
+    settings = StreamJobSettings(
+        home=lake_home, datasets=["prices"], bootstrap_servers=kafka_broker.bootstrap_servers, topic=topic,
+        work_dir=tmp_path / "bitemporal", restore_from=checkpoint, restart_attempts=0,
+    )
+    bitemporal_log = tmp_path / "bitemporal.log"
+    job = launch_stream_job(settings, bitemporal_log, job_runtime)
+    try:
+        code = job.wait(timeout=JOB_TIMEOUT_S)
+    finally:
+        kill(job)
+    message = job_stopped(code, bitemporal_log, 0, checkpoint)
+    assert code != 0
+    assert message.startswith(f"the streaming job cannot restore {checkpoint}: "), message
+    assert "\n" not in message and str(bitemporal_log) in message
