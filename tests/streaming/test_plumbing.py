@@ -166,6 +166,21 @@ def kill(job: subprocess.Popen[bytes]) -> None:
             pass
 
 
+def first_wave_then_crash(
+    runtime: JobRuntime, broker: LocalKafkaBroker, topic: str, home: Path, work: Path, log: Path
+) -> tuple[Table, subprocess.Popen[bytes]]:
+    """A fresh topic and table, FIRST_WAVE records committed by a plumbing job, then the job killed
+    (its checkpoints retained under `work`): the table and the killed job."""
+    table = prepare(broker, home, topic)
+    produce(broker, topic, range(FIRST_WAVE))
+    job = start_job(runtime, broker, topic, home, work, log)
+    try:
+        wait_for_rows(table, FIRST_WAVE, job, log)
+    finally:
+        kill(job)
+    return table, job
+
+
 def retained_checkpoint(checkpoints: Path) -> Path:
     latest = latest_checkpoint(checkpoints)
     assert latest is not None, f"no retained checkpoint under {checkpoints}"
@@ -244,15 +259,8 @@ def test_restart_from_latest_checkpoint_after_a_crash_loses_and_repeats_nothing(
 ) -> None:
     home = tmp_path / "home"
     topic = "plumbing-restore"
-    table = prepare(kafka_broker, home, topic)
     log = tmp_path / "job.log"
-
-    produce(kafka_broker, topic, range(FIRST_WAVE))
-    crashed = start_job(job_runtime, kafka_broker, topic, home, tmp_path, log)
-    try:
-        wait_for_rows(table, FIRST_WAVE, crashed, log)
-    finally:
-        kill(crashed)
+    table, crashed = first_wave_then_crash(job_runtime, kafka_broker, topic, home, tmp_path, log)
     # Arrives while no job runs: only the restored Kafka offsets lead the new run to it.
     produce(kafka_broker, topic, range(FIRST_WAVE, FIRST_WAVE + SECOND_WAVE))
 
@@ -283,16 +291,8 @@ def test_the_bitemporal_job_refuses_a_checkpoint_of_another_job_in_one_line(
     from chronolake.streaming.runtime import StreamJobSettings, launch_stream_job
     from chronolake.streaming.service import job_stopped
 
-    home = tmp_path / "home"
     topic = "plumbing-foreign"
-    table = prepare(kafka_broker, home, topic)
-    log = tmp_path / "job.log"
-    produce(kafka_broker, topic, range(FIRST_WAVE))
-    plumbing = start_job(job_runtime, kafka_broker, topic, home, tmp_path, log)
-    try:
-        wait_for_rows(table, FIRST_WAVE, plumbing, log)
-    finally:
-        kill(plumbing)
+    first_wave_then_crash(job_runtime, kafka_broker, topic, tmp_path / "home", tmp_path, tmp_path / "job.log")
     checkpoint = retained_checkpoint(tmp_path / "checkpoints")
 
     lake_home = tmp_path / "lake"
