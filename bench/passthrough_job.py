@@ -2,7 +2,8 @@
 
 Same Kafka source table (`chronolake.streaming.sources`), same runtime configuration (thread mode,
 RocksDB, checkpoint interval: `chronolake.streaming.job.build_configuration`), same Iceberg Flink
-sink through the same JDBC catalog; in between one identity Python map (the record decoded to text)
+sink (`FlinkSink`; here behind Flink SQL's `INSERT INTO`, which the bitemporal job builds directly
+with fixed uids) through the same JDBC catalog; in between one identity Python map (the record decoded to text)
 and a plain append of (payload, partition, position, log time) to one table. Run by bench/stream.py
 in the job venv, like the real job.
 """

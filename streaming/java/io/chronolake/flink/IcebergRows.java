@@ -1,5 +1,6 @@
 package io.chronolake.flink;
 
+import java.io.IOException;
 import java.util.HashMap;
 import java.util.Map;
 
@@ -33,37 +34,26 @@ public final class IcebergRows {
      */
     public static DataStreamSink<Void> append(
             DataStream<Row> bundles, String[] columns, String[] micros,
-            String catalogName, Map<String, String> catalog, String namespace, String table) {
+            String catalogName, Map<String, String> catalog, String namespace, String table) throws IOException {
         Map<String, String> properties = new HashMap<>(catalog);
         properties.remove("type");
         String impl = properties.remove("catalog-impl");
         CatalogLoader catalogLoader = CatalogLoader.custom(catalogName, properties, new Configuration(), impl);
-        TableLoader tableLoader = TableLoader.fromCatalog(catalogLoader, TableIdentifier.of(namespace, table));
-        tableLoader.open();
-        try {
+        // The sink keeps serializable copies of the table and of the loader (the committer opens its
+        // own where it runs): this open catalog is needed only to read the table's schema.
+        try (TableLoader tableLoader = TableLoader.fromCatalog(catalogLoader, TableIdentifier.of(namespace, table))) {
+            tableLoader.open();
             Table loaded = tableLoader.loadTable();
             RowType rowType = FlinkSchemaUtil.convert(loaded.schema());
             DataStream<RowData> rows = bundles
                     .flatMap(new JsonRows(columns, micros, rowType))
                     .uid("rows-" + table)
                     .name("rows-" + table);
-            // The sink keeps a serializable copy of the table and of the loader (which the
-            // committer opens where it runs): this open catalog is needed only until here.
             return FlinkSink.forRowData(rows)
                     .table(loaded)
                     .tableLoader(tableLoader)
                     .uidPrefix("iceberg-" + table)
                     .append();
-        } finally {
-            close(tableLoader);
-        }
-    }
-
-    private static void close(TableLoader loader) {
-        try {
-            loader.close();
-        } catch (java.io.IOException e) {
-            throw new java.io.UncheckedIOException(e);
         }
     }
 }
