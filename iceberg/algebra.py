@@ -90,7 +90,9 @@ class KeyTransaction:
     ``state``, which is mutated in place.
     """
 
-    __slots__ = ("state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty", "_opened")
+    __slots__ = (
+        "state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty", "_opened", "changed_from"
+    )
 
     def __init__(self, state: KeyState, t: int) -> None:
         self.state = state
@@ -101,6 +103,9 @@ class KeyTransaction:
         self.applied = 0
         self.duplicates = 0
         self._opened: list[Segment] = []  # what the first assertion opened (see `finish`)
+        #: Every segment of ``state.segments`` before this position is the one it held before the
+        #: transaction (the same object): a caller that stored the key's segments rewrites the rest.
+        self.changed_from = len(state.segments)
 
     def apply(self, assertion: Assertion, digest: str | None = None) -> str | None:
         """Apply one assertion; returns the reason when the algebra refuses it (then nothing changed).
@@ -120,7 +125,9 @@ class KeyTransaction:
             self._applied_events.append((assertion.event_id, digest))
         else:
             digest = None
-        opened = _apply(self.state.segments, assertion, digest, self.t, self._closed)
+        opened, first = _apply(self.state.segments, assertion, digest, self.t, self._closed)
+        if first < self.changed_from:
+            self.changed_from = first
         if not self.applied:
             self._opened = opened
         self.applied += 1
@@ -235,9 +242,10 @@ def new_key_timeline(
 
 def _apply(
     segments: list[Segment], assertion: Assertion, digest: str | None, t: int, closed: list[Segment]
-) -> list[Segment]:
+) -> tuple[list[Segment], int]:
     """Applies one assertion at ``t`` to ``segments``; appends the segments it closes to ``closed``
-    and returns those it opened (in valid-time order)."""
+    and returns those it opened (in valid-time order), and the position of the first segment it
+    replaced (those before it are untouched)."""
     # The hot path of every load: plain tuple indexing and plain tuples instead of NamedTuple
     # attribute access and constructors (each several times slower). Segment fields by index:
     # 0 valid_from, 1 valid_to, 2 system_from, 3 payload, 4 event_id, 5 event_digest.
@@ -270,5 +278,5 @@ def _apply(
         if tail[1] > valid_to:
             replacement.append((valid_to, tail[1], t, tail[3], tail[4], tail[5]))
     segments[first:last] = replacement
-    return replacement
+    return replacement, first
 

@@ -271,6 +271,11 @@ class Texts:
 _SYSTEM_FROM = itemgetter(2)
 
 
+def latest_system_from(segments: list[Segment]) -> int | None:
+    """The latest `system_from` of a key's segments (None: it has none)."""
+    return max(map(_SYSTEM_FROM, segments)) if segments else None
+
+
 class EntityTimeline:
     """Applies one record (one transaction) to one key's state and gives the rows of its net effect."""
 
@@ -282,10 +287,18 @@ class EntityTimeline:
 
     def apply(self, state: KeyState, seen: dict[str, int], event: tuple[Any, ...], ttl_us: int) -> list[SinkRow]:
         """Applies `event` (`Routed.event`) at its t; mutates `state` (text payloads) and `seen`
-        (when each remembered event id was applied: `remember_event_ids`)."""
+        (when each remembered event id was applied: `remember_event_ids`). The rows of `transact`."""
+        return self.transact(state, seen, event, ttl_us, latest_system_from(state.segments))[0]
+
+    def transact(
+        self, state: KeyState, seen: dict[str, int], event: tuple[Any, ...], ttl_us: int, latest: int | None
+    ) -> tuple[list[SinkRow], int, int | None]:
+        """`apply`, for a caller that holds the key: `latest` is `latest_system_from(state.segments)`,
+        which it keeps instead of reading every segment per event. Returns the rows, the position of
+        the first segment changed (`KeyTransaction.changed_from`) and the new latest system time."""
         t = event[EV_T]
         segments = state.segments
-        latest = max(map(_SYSTEM_FROM, segments)) if segments else None
+        changed_from = len(segments)
         if latest is not None and t <= latest:
             # Only another writer (a batch load with a later clock) can cause this; the algebra
             # needs t after every version it closes, so the record is kept aside, not misapplied.
@@ -302,12 +315,18 @@ class EntityTimeline:
             if refused is not None:
                 rows = [self._refused(event, refused)]
             elif transaction.applied:
+                change = transaction.finish()
+                changed_from = transaction.changed_from
+                if change.opened:
+                    latest = t
+                elif change.closed:
+                    latest = latest_system_from(segments)  # a delete: the latest may be gone
                 # The twin-row layout of the batch loader (key and payload already their text).
-                rows = [self._sink(row) for row in change_rows(event[EV_KEY], transaction.finish(), t)]
+                rows = [self._sink(row) for row in change_rows(event[EV_KEY], change, t)]
             else:
                 rows = []  # a redelivery of an event id it already applied
         remember_event_ids(state, seen, applied, t, ttl_us)
-        return rows
+        return rows, changed_from, latest
 
     def _refused(self, event: tuple[Any, ...], reason: str) -> SinkRow:
         return quarantine_row(self._quarantine, event[EV_SOURCE], event[EV_LINE], reason, event[EV_RAW], event[EV_T])
@@ -401,19 +420,22 @@ class StateCodec:
         return self.load(base64.b64decode(text[len(self.TAG):]))
 
     def write(
-        self, entity: str, state: KeyState, seen: dict[str, int], written: Written
+        self, entity: str, state: KeyState, seen: dict[str, int], written: Written, unchanged: int = 0
     ) -> tuple[dict[str, bytes], list[str]]:
         """The map-state entries to put and to remove so that RocksDB holds `state` and `seen`, given
         that it holds `written` (updated to the new state). `seen` must name every id of
-        `state.events` (`remember_event_ids` sees to that at every transaction)."""
+        `state.events` (`remember_event_ids` sees to that at every transaction). `unchanged`: the
+        first so many segments are those `written` holds (`KeyTransaction.changed_from`), so
+        their chunks are neither compared nor touched (most of a long timeline is cold in memory)."""
         puts: dict[str, bytes] = {}
         removes: list[str] = []
         segments = state.segments
         full = len(segments) // CHUNK
         before = written.chunks
         if full or before:
-            chunks = []
-            for n in range(full):
+            kept = min(unchanged // CHUNK, full, len(before))
+            chunks = before[:kept]
+            for n in range(kept, full):
                 chunk = segments[n * CHUNK:(n + 1) * CHUNK]
                 if n >= len(before) or chunk != before[n]:
                     puts[f"{entity}{_SEGMENTS_AT}{n}"] = marshal.dumps(chunk, 4)
@@ -616,8 +638,8 @@ class TimelineStage:
         self.codecs = {name: StateCodec(spec) for name, spec in specs.items()}
         self.ttl_us = event_id_ttl_us
         self.cache_keys = cache_keys
-        #: entity -> (dataset, state, seen, written), least recently used first.
-        self.cache: dict[str, tuple[str, KeyState, dict[str, int], Written]] = {}
+        #: entity -> [dataset, state, seen, written, latest system_from], least recently used first.
+        self.cache: dict[str, list[Any]] = {}
         #: bucket -> the entries to put and to remove, and the keys changed, since its last flush.
         self.pending: dict[int, tuple[dict[str, bytes], set[str], set[str]]] = {}
         self._changed_all: set[str] = set()
@@ -639,11 +661,13 @@ class TimelineStage:
             entity = event[EV_ENTITY]
             entry = cache.pop(entity, None)
             if entry is None:
-                entry = (event[EV_DATASET], *load(event))
+                state, seen, written = load(event)
+                entry = [event[EV_DATASET], state, seen, written, latest_system_from(state.segments)]
             cache[entity] = entry  # most recently used last
-            dataset, state, seen, written = entry
-            rows += timelines[dataset].apply(state, seen, event, ttl)
-            put, remove = codecs[dataset].write(entity, state, seen, written)
+            dataset, state, seen, written, latest = entry
+            made, changed_from, entry[4] = timelines[dataset].transact(state, seen, event, ttl, latest)
+            rows += made
+            put, remove = codecs[dataset].write(entity, state, seen, written, changed_from)
             for name in remove:  # what a later write puts again is not removed, and the reverse
                 puts.pop(name, None)
                 removes.add(name)

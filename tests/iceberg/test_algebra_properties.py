@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronolake.iceberg import queries
-from chronolake.iceberg.algebra import Assertion, KeyState, apply_transaction, new_key_timeline
+from chronolake.iceberg.algebra import Assertion, KeyState, KeyTransaction, apply_transaction, new_key_timeline
 from chronolake.iceberg.dataset import CLOSED, OPEN, ROW_KIND, SYSTEM_FROM, SYSTEM_TO, Column, DatasetSpec
 from chronolake.iceberg.rows import RowBuilder, python_columns
 from chronolake.iceberg.temporal import SENTINEL
@@ -149,3 +149,27 @@ def test_new_key_timeline_opens_what_the_transaction_opens(transaction: list[Ref
         len(assertions), ascending,
     )
     assert shortcut == (froms, tos, positions)
+
+
+@settings(max_examples=EXAMPLES // 4, deadline=None)
+@given(histories())
+def test_a_transaction_names_where_the_timeline_it_changed_starts_to_differ(history: list[list[RefAssertion]]) -> None:
+    # The stream job rewrites a key's stored state from `changed_from` on, without comparing the rest.
+    states: dict[str, KeyState] = defaultdict(KeyState)
+    for number, transaction in enumerate(history, start=1):
+        by_key: dict[str, list[Assertion]] = defaultdict(list)
+        for a in transaction:
+            by_key[a.key].append(to_assertion(a))
+        for key, assertions in by_key.items():
+            before = list(states[key].segments)
+            applied = KeyTransaction(states[key], 1_000 * number)
+            for assertion in assertions:
+                applied.apply(assertion)
+            after = states[key].segments
+            same = 0
+            while same < min(len(before), len(after)) and before[same] is after[same]:
+                same += 1
+            assert applied.changed_from <= same, "a segment before changed_from was replaced"
+            if all(a.op == "upsert" for a in assertions):
+                # Exactly where they start to differ (a delete over a gap changes nothing at its position).
+                assert applied.changed_from == same
