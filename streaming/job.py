@@ -399,6 +399,10 @@ def build_configuration(args: argparse.Namespace) -> Configuration:
         "python.executable": sys.executable,
         "python.client.executable": sys.executable,
         "state.backend.type": "rocksdb",
+        # More level-0 files before a compaction (StateOptions), so reads of keys not held in memory
+        # skip the files that do not have them.
+        "state.backend.rocksdb.options-factory": "io.chronolake.flink.StateOptions",
+        "state.backend.rocksdb.use-bloom-filter": "true",
         "execution.checkpointing.incremental": "true",
         "execution.checkpointing.interval": f"{args.checkpoint_interval_ms} ms",
         "execution.checkpointing.mode": "EXACTLY_ONCE",
