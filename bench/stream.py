@@ -16,7 +16,9 @@ parallelism 1 (one task slot), from the earliest offset:
 Throughput is measured from the offsets each job commits to Kafka with its checkpoints (the same
 moment its Iceberg commit happens): events / (time the last offset was committed - time the first
 was), so job start-up is excluded and each rate is "events per second committed to Iceberg" per
-slot. The ratio of the two is the cost of the bitemporal semantics on the same engine.
+slot. The ratio of the two is the cost of the bitemporal semantics on the same engine. Over the same
+window, the CPU time of every thread of each job's processes (from /proc) is reported per event,
+by kind of thread (`THREAD_KINDS`): where the cores go, side by side.
 
 Freshness (bitemporal job, caught up): events are produced at ``--freshness-rate`` per second for
 ``--freshness-seconds``; each one is visible to ``as_of`` at the stable system time once that time
@@ -110,10 +112,58 @@ def rss_mib(pgid: int) -> float:
     return total / 1024
 
 
+#: Thread name prefixes (as /proc shows them: 15 characters) -> what they do, for the CPU table.
+THREAD_KINDS = (
+    ("entity-timeline", "entity timeline (Python)"),
+    ("partition-clock", "partition clock (Python)"),
+    ("rows-", "rows -> Iceberg writer"),
+    ("Source", "Kafka source (pass-through: its whole chain)"),
+    ("rocksdb:", "RocksDB flush and compaction"),
+    ("Flink-RocksDB", "RocksDB flush and compaction"),
+    ("C1 Compiler", "JIT compilers"),
+    ("C2 Compiler", "JIT compilers"),
+    ("GC Thread", "garbage collector"),
+    ("G1 ", "garbage collector"),
+)
+
+
+def thread_cpu(pgid: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """CPU seconds so far of every thread of a process group (the job script and its JVM)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[tuple[int, int], tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for task in (entry / "task").iterdir():
+                stat = (task / "stat").read_text()
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2:].split()
+                found[(int(entry.name), int(task.name))] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        except (OSError, ProcessLookupError, ValueError):
+            continue
+    return found
+
+
+def cpu_per_event(
+    before: dict[tuple[int, int], tuple[str, float]], after: dict[tuple[int, int], tuple[str, float]], events: int
+) -> dict[str, float]:
+    """Microseconds of CPU per event by kind of thread (THREAD_KINDS) between two `thread_cpu`s."""
+    spent: dict[str, float] = {}
+    for thread, (name, seconds) in after.items():
+        kind = next((k for prefix, k in THREAD_KINDS if name.startswith(prefix)), "other")
+        spent[kind] = spent.get(kind, 0.0) + seconds - before.get(thread, (name, 0.0))[1]
+    return {kind: round(seconds / events * 1e6, 1) for kind, seconds in sorted(spent.items(), key=lambda x: -x[1])}
+
+
 def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int, log: Path) -> dict[str, Any]:
-    """Poll committed offsets until all `total` events are committed."""
+    """Poll committed offsets until all `total` events are committed; the job's CPU per event by
+    thread between its first and its last commit (the same window as the rate)."""
     started = time.monotonic()
     first: tuple[float, int] | None = None
+    cpu_at_first: dict[tuple[int, int], tuple[str, float]] = {}
     peak = 0.0
     while True:
         if job.poll() is not None:
@@ -123,6 +173,7 @@ def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int
         peak = max(peak, rss_mib(job.pid))
         if first is None and done > 0:
             first = (now, done)
+            cpu_at_first = thread_cpu(job.pid)
         if done >= total:
             break
         if now - started > TIMEOUT_S:
@@ -131,12 +182,16 @@ def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int
     assert first is not None
     seconds = now - first[0]
     counted = total - first[1]
+    cpu = cpu_per_event(cpu_at_first, thread_cpu(job.pid), counted) if counted else {}
     return {
         "events": total,
         "first_commit_s": round(first[0] - started, 1),
         "seconds": round(seconds, 2),
         "events_per_s": round(counted / seconds) if seconds > 0 else None,
         "peak_rss_mib": round(peak),
+        "cpu_us_per_event": round(sum(cpu.values()), 1),
+        "cores_busy": round(sum(cpu.values()) * counted / 1e6 / seconds, 2) if seconds > 0 else None,
+        "cpu_by_thread_us_per_event": cpu,
     }
 
 
@@ -306,6 +361,16 @@ def render(r: dict[str, Any]) -> str:
         f"Ratio bitemporal / pass-through: {r['ratio']}. Freshness at {f['events']} events "
         f"({f['visible']} seen): p50 {f['p50_s']} s, p95 {f['p95_s']} s "
         f"(stable-time read every {f['mean_read_s']} s).",
+        "",
+        "CPU per event between each job's first and last commit (us, all threads of the job's processes):",
+        "",
+        "| threads | pass-through | bitemporal |",
+        "|---|---:|---:|",
+        *[
+            f"| {kind} | {p['cpu_by_thread_us_per_event'].get(kind, 0.0)} | {b['cpu_by_thread_us_per_event'].get(kind, 0.0)} |"
+            for kind in dict.fromkeys([*b["cpu_by_thread_us_per_event"], *p["cpu_by_thread_us_per_event"]])
+        ],
+        f"| **all** (cores busy) | **{p['cpu_us_per_event']}** ({p['cores_busy']}) | **{b['cpu_us_per_event']}** ({b['cores_busy']}) |",
     ])
 
 
