@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import marshal
 
 from chronolake.iceberg.algebra import KeyState
 from chronolake.iceberg.dataset import Column, DatasetSpec
@@ -291,12 +292,14 @@ def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(
         st.just("late"), st.integers(1, 28), st.sampled_from(["upsert", "delete"]),
         st.integers(0, 60), st.integers(0, 9), st.booleans(), st.integers(0, 3),
     )
-    # Mostly events, now and then a checkpoint, sometimes a restore.
-    step = st.one_of(*[event_step] * 5, late_step, st.just(("flush",)), st.just(("restart",)))
+    # Mostly events, now and then a checkpoint, sometimes a restore (by a job whose chunk size may
+    # differ from the one that wrote the state: an upgrade).
+    step = st.one_of(*[event_step] * 5, late_step, st.just(("flush",)), st.tuples(st.just("restart"), st.sampled_from([3, 3, 4])))
 
     @settings(max_examples=200, deadline=None)
     @given(st.lists(step, min_size=10, max_size=150), st.sampled_from([0, 10]))
     def history(steps: list[tuple], cache_keys: int) -> None:
+        monkeypatch.setattr(transactions, "CHUNK", 3)
         # The stage under test writes into `store` (RocksDB); `state` and `seen` are the same events
         # applied one by one in memory, reset to what was checkpointed when the job is restored.
         store: dict[str, bytes] = {}
@@ -312,7 +315,7 @@ def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(
         timeline, state, seen = EntityTimeline(SPEC), KeyState(), {}
         checkpointed = copy.deepcopy((state, seen))
         t = 0
-        for current in [*steps, ("flush",), ("restart",), ("flush",)]:
+        for current in [*steps, ("flush",), ("restart", 3), ("flush",)]:
             if current[0] in ("event", "late"):
                 _, day, op, event_id, x, closed, hours = current
                 if current[0] == "event":
@@ -333,16 +336,18 @@ def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(
                     found = codec.read(entity, store[entity], store.get)
                     assert found is not None
                     assert (found[0], found[1]) == (state, seen) and list(found[1]) == list(seen)
-                    segments, (first, end) = len(state.segments), (found[2].first, found[2].end)
-                    reachable = {entity} | {f"{entity}\x1fs{n}" for n in range(segments // 3)}
-                    reachable |= {f"{entity}\x1fe{n}" for n in range(first // 3, end // 3)}
+                    _, size, full, _, first, end, _, _ = marshal.loads(store[entity])
+                    reachable = {entity} | {f"{entity}\x1fs{n}" for n in range(full)}
+                    reachable |= {f"{entity}\x1fe{n}" for n in range(first // size, end // size)}
                     assert set(store) == reachable, "no entry the state does not use"
                 checkpointed = copy.deepcopy((state, seen))
             else:  # a restore from the last checkpoint: a new stage that reads what was written
+                monkeypatch.setattr(transactions, "CHUNK", current[1])
                 stage = TimelineStage({"prices": SPEC}, 12 * hour, cache_keys)
                 state, seen = copy.deepcopy(checkpointed)
 
     history()
+    monkeypatch.setattr(transactions, "CHUNK", 3)
 
     # The common change, a new version after the last one: only the head is rewritten.
     timeline, state, seen, written = EntityTimeline(SPEC), KeyState(), {}, Written()
