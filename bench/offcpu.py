@@ -24,6 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stream import thread_stat  # noqa: E402
+
 SWITCH = re.compile(
     r"\[(\d+)\]\s+([\d.]+):\s+prev_comm=.* prev_pid=(\d+) .*prev_state=(\S+) ==> next_comm=(.*) next_pid=(\d+)"
 )
@@ -56,10 +60,9 @@ def find_threads(names: list[str]) -> tuple[int, dict[int, str]]:
 
 def _cpu_ticks(pid: int, tid: int) -> int:
     try:
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return thread_stat(pid, tid)[1]
     except OSError:
         return -1
-    return int(fields[11]) + int(fields[12])
 
 
 def record(tids: dict[int, str], seconds: float, work: Path) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """Streaming benchmark: the bitemporal job beside a pass-through job, Kafka to committed Iceberg rows.
 
     .venv/tools/bin/python bench/stream.py                       # 1M events over 50k keys
-    .venv/tools/bin/python bench/stream.py --events 20000 --keys 1000 --freshness-seconds 10   # smoke
+    .venv/tools/bin/python bench/stream.py --events 100000 --keys 5000 --freshness-seconds 10  # smoke (rates are warm-up)
 
 One local KRaft broker; two topics of one partition each, filled with the same events before either
 job starts (the generated end-of-day feed of bench/generate.py as JSON assertion events: about 10%
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,19 +96,32 @@ def committed(bootstrap: str, group: str) -> int:
     return sum(max(o.offset, 0) for o in offsets.values())
 
 
+def group_pids(pgid: int) -> Iterator[int]:
+    """The processes of a process group (the job script and its JVM)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
+                yield int(entry.name)
+        except ProcessLookupError:
+            continue
+
+
+def thread_stat(pid: int, tid: int) -> tuple[str, int]:
+    """A thread's name (as /proc shows it: 15 characters) and CPU time so far (user + system, clock ticks)."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12])
+
+
 def rss_mib(pgid: int) -> float:
     """Resident memory of a process group (the job script and its JVM), MiB."""
     total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in group_pids(pgid):
         try:
-            if os.getpgid(int(entry.name)) != pgid:
-                continue
-            for line in (entry / "status").read_text().splitlines():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue
     return total / 1024
 
@@ -131,18 +145,12 @@ def thread_cpu(pgid: int) -> dict[tuple[int, int], tuple[str, float]]:
     """CPU seconds so far of every thread of a process group (the job script and its JVM)."""
     ticks = os.sysconf("SC_CLK_TCK")
     found: dict[tuple[int, int], tuple[str, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in group_pids(pgid):
         try:
-            if os.getpgid(int(entry.name)) != pgid:
-                continue
-            for task in (entry / "task").iterdir():
-                stat = (task / "stat").read_text()
-                name = stat[stat.index("(") + 1:stat.rindex(")")]
-                fields = stat[stat.rindex(")") + 2:].split()
-                found[(int(entry.name), int(task.name))] = (name, (int(fields[11]) + int(fields[12])) / ticks)
-        except (OSError, ProcessLookupError, ValueError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                name, used = thread_stat(pid, int(task.name))
+                found[(pid, int(task.name))] = (name, used / ticks)
+        except OSError:
             continue
     return found
 
@@ -348,19 +356,27 @@ def main() -> None:
 
 def render(r: dict[str, Any]) -> str:
     p, b, f = r["passthrough"], r["bitemporal"], r["freshness"]
-    return "\n".join([
+    lines = [
         f"Streaming, {r['events']:,} events over {r['keys']:,} keys, 1 partition, parallelism 1, "
         f"checkpoint every {r['checkpoint_interval_ms']} ms; {r['machine']['cpus']} cores, load average "
         f"{', '.join(f'{x:.2f}' for x in r['machine']['load_average'])}; {r['machine']['code']}",
         "",
         "| job | events/s per slot | first commit after | peak RSS (job + JVM) |",
         "|---|---:|---:|---:|",
-        f"| pass-through (identity map, append) | {p['events_per_s']:,} | {p['first_commit_s']} s | {p['peak_rss_mib']} MiB |",
-        f"| bitemporal | {b['events_per_s']:,} | {b['first_commit_s']} s | {b['peak_rss_mib']} MiB |",
+        f"| pass-through (identity map, append) | {_rate(p)} | {p['first_commit_s']} s | {p['peak_rss_mib']} MiB |",
+        f"| bitemporal | {_rate(b)} | {b['first_commit_s']} s | {b['peak_rss_mib']} MiB |",
         "",
-        f"Ratio bitemporal / pass-through: {r['ratio']}. Freshness at {f['events']} events "
-        f"({f['visible']} seen): p50 {f['p50_s']} s, p95 {f['p95_s']} s "
+        f"Ratio bitemporal / pass-through: {r['ratio'] if r['ratio'] is not None else 'n/a'}. Freshness at "
+        f"{f['events']} events ({f['visible']} seen): p50 {f['p50_s']} s, p95 {f['p95_s']} s "
         f"(stable-time read every {f['mean_read_s']} s).",
+    ]
+    if p["events_per_s"] is None or b["events_per_s"] is None:
+        lines += ["", "n/a: the job's first checkpoint committed every event, so there was no window to "
+                      "measure a rate or the CPU per event in: run with more --events."]
+        return "\n".join(lines)
+    kinds = dict.fromkeys([*b["cpu_by_thread_us_per_event"], *p["cpu_by_thread_us_per_event"]])
+    return "\n".join([
+        *lines,
         "",
         "CPU per event between each job's first and last commit (us, all threads of the job's processes):",
         "",
@@ -368,11 +384,14 @@ def render(r: dict[str, Any]) -> str:
         "|---|---:|---:|",
         *[
             f"| {kind} | {p['cpu_by_thread_us_per_event'].get(kind, 0.0)} | {b['cpu_by_thread_us_per_event'].get(kind, 0.0)} |"
-            for kind in dict.fromkeys([*b["cpu_by_thread_us_per_event"], *p["cpu_by_thread_us_per_event"]])
+            for kind in kinds
         ],
         f"| **all** (cores busy) | **{p['cpu_us_per_event']}** ({p['cores_busy']}) | **{b['cpu_us_per_event']}** ({b['cores_busy']}) |",
     ])
 
+
+def _rate(job: dict[str, Any]) -> str:
+    return "n/a" if job["events_per_s"] is None else f"{job['events_per_s']:,}"
 
 if __name__ == "__main__":
     main()
