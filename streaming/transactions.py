@@ -350,9 +350,9 @@ class EntityTimeline:
 
 #: Segments, and remembered event ids, per map-state entry of a key's state (`StateCodec.write`).
 #: Every transaction rewrites the key's head (up to CHUNK - 1 segments and ids), which RocksDB then
-#: flushes and compacts: 8 writes ~0.6 KB per event where 32 wrote ~1 KB (20 versions per key). A
-#: state stored in chunks of another size is read in that size and rewritten in this one.
-CHUNK = 8
+#: flushes and compacts: at 20 versions per key, 4 writes ~455 bytes per event, 8 wrote ~626 and 32
+#: ~1 KB. A state stored in chunks of another size is read in that size and rewritten in this one.
+CHUNK = 4
 _SEGMENTS_AT = "\x1fs"  # entity + this + n: the key's segments n*CHUNK .. (n+1)*CHUNK
 _EVENTS_AT = "\x1fe"  # entity + this + n: the key's remembered ids of ordinals n*CHUNK .. (n+1)*CHUNK
 _HEAD = 3  # the format of a head entry (an `M2` state is a 3-tuple, a head an 8-tuple)
