@@ -19,9 +19,9 @@ was), so job start-up is excluded and each rate is "events per second committed 
 slot. The ratio of the two is the cost of the bitemporal semantics on the same engine. Over the same
 window, the CPU time of every thread of each job's processes (from /proc) is reported per event,
 by kind of thread (`THREAD_KINDS`): where the cores go, side by side. Rate and CPU are reported
-again over the second half of each job's events (from its first commit past half of them): the
-JVM's JIT compilers do most of their work in the first minute, which a 1M-event run's window is
-mostly made of, so the second half is closer to what a long-running job sustains.
+again over the second half of each job's events (from its first commit past half of them): how the
+rate holds up as the JIT compilers' warm-up fades and the key state grows. That window is shorter,
+so the wait for the checkpoint that commits the last events weighs more in it.
 
 Freshness (bitemporal job, caught up): events are produced at ``--freshness-rate`` per second for
 ``--freshness-seconds``; each one is visible to ``as_of`` at the stable system time once that time
@@ -172,8 +172,7 @@ def cpu_per_event(
 def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int, log: Path) -> dict[str, Any]:
     """Poll committed offsets until all `total` events are committed. The rate and the job's CPU
     per event by thread between its first and its last commit, and again over the second half of
-    the events only (from the first commit that passes half of them): by then the JIT compilers
-    have done most of their work, so that window is closer to what a long-running job sustains."""
+    the events only (from the first commit that passes half of them)."""
     started = time.monotonic()
     first: tuple[float, int] | None = None
     half: tuple[float, int] | None = None
@@ -402,7 +401,10 @@ def render(r: dict[str, Any]) -> str:
                       "measure a rate or the CPU per event in: run with more --events."]
         return "\n".join(lines)
     columns = [p, b, p["second_half"], b["second_half"]]
-    kinds = dict.fromkeys(kind for job in columns for kind in job["cpu_by_thread_us_per_event"])
+    kinds = sorted(
+        {kind for job in columns for kind in job["cpu_by_thread_us_per_event"]},
+        key=lambda kind: (-b["cpu_by_thread_us_per_event"].get(kind, 0.0), -p["cpu_by_thread_us_per_event"].get(kind, 0.0)),
+    )
     return "\n".join([
         *lines,
         "",
