@@ -169,15 +169,17 @@ def cpu_per_event(
     return {kind: round(seconds / events * 1e6, 1) for kind, seconds in sorted(spent.items(), key=lambda x: -x[1])}
 
 
+#: A moment of a job's run: (time.monotonic(), events committed, `thread_cpu`).
+Mark = tuple[float, int, dict[tuple[int, int], tuple[str, float]]]
+
+
 def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int, log: Path) -> dict[str, Any]:
     """Poll committed offsets until all `total` events are committed. The rate and the job's CPU
     per event by thread between its first and its last commit, and again over the second half of
     the events only (from the first commit that passes half of them)."""
     started = time.monotonic()
-    first: tuple[float, int] | None = None
-    half: tuple[float, int] | None = None
-    cpu_at_first: dict[tuple[int, int], tuple[str, float]] = {}
-    cpu_at_half: dict[tuple[int, int], tuple[str, float]] = {}
+    first: Mark | None = None
+    half: Mark | None = None
     peak = 0.0
     while True:
         if job.poll() is not None:
@@ -186,37 +188,30 @@ def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int
         now = time.monotonic()
         peak = max(peak, rss_mib(job.pid))
         if first is None and done > 0:
-            first = (now, done)
-            cpu_at_first = thread_cpu(job.pid)
+            first = (now, done, thread_cpu(job.pid))
         if half is None and done * 2 >= total:
-            half = (now, done)
-            cpu_at_half = thread_cpu(job.pid)
+            half = first if first is not None and first[1] == done else (now, done, thread_cpu(job.pid))
         if done >= total:
             break
         if now - started > TIMEOUT_S:
             raise SystemExit(f"not done after {TIMEOUT_S}s ({done}/{total}); see {log}")
         time.sleep(0.25)
     assert first is not None and half is not None
-    cpu_at_end = thread_cpu(job.pid)
-    whole = _window(first, now, total, cpu_at_first, cpu_at_end)
-    second_half = _window(half, now, total, cpu_at_half, cpu_at_end)
+    end: Mark = (now, total, thread_cpu(job.pid))
     return {
         "events": total,
         "first_commit_s": round(first[0] - started, 1),
-        **whole,
+        **_window(first, end),
         "peak_rss_mib": round(peak),
-        "second_half": second_half,
+        "second_half": _window(half, end),
     }
 
 
-def _window(
-    start: tuple[float, int], end_s: float, total: int,
-    cpu_at_start: dict[tuple[int, int], tuple[str, float]], cpu_at_end: dict[tuple[int, int], tuple[str, float]],
-) -> dict[str, Any]:
-    """Rate and CPU per event from `start` (time, events committed) until all `total` were, at `end_s`."""
-    seconds = end_s - start[0]
-    counted = total - start[1]
-    cpu = cpu_per_event(cpu_at_start, cpu_at_end, counted) if counted else {}
+def _window(start: Mark, end: Mark) -> dict[str, Any]:
+    """Rate and CPU per event between two moments of a job's run."""
+    seconds = end[0] - start[0]
+    counted = end[1] - start[1]
+    cpu = cpu_per_event(start[2], end[2], counted) if counted else {}
     return {
         "seconds": round(seconds, 2),
         "events_per_s": round(counted / seconds) if seconds > 0 and counted else None,
