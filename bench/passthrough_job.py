@@ -18,7 +18,7 @@ from pyflink.common import Row, Types
 from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
-from chronolake.streaming.catalog import catalog_properties, with_clause
+from chronolake.streaming.catalog import with_clause
 from chronolake.streaming.job import CATALOG, build_configuration
 from chronolake.streaming.sources import RECORDS_QUERY, KafkaSource
 
@@ -43,7 +43,7 @@ def main() -> None:
     env = StreamExecutionEnvironment.get_execution_environment(build_configuration(args))
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
-    t_env.execute_sql(f"CREATE CATALOG {CATALOG} WITH ({with_clause(catalog_properties(Path(plan['home'])))})")
+    t_env.execute_sql(f"CREATE CATALOG {CATALOG} WITH ({with_clause(plan['catalog'])})")
     t_env.execute_sql(KafkaSource(args.topic, args.bootstrap_servers, args.group_id).ddl())
     records = t_env.to_data_stream(t_env.sql_query(RECORDS_QUERY))
     identity = records.map(

@@ -294,6 +294,7 @@ def main() -> None:
 
     from chronolake.lake import Lake
     from chronolake.streaming.broker import BrokerSettings, LocalKafkaBroker
+    from chronolake.streaming.catalog import catalog_properties
     from chronolake.streaming.runtime import JobRuntime, StreamJobSettings, launch_stream_job
     from chronolake.streaming.service import ensure_topic
 
@@ -320,7 +321,8 @@ def main() -> None:
                               ("source_position", pa.string()), ("log_time_ms", pa.int64())]),
         )
         plan = work / "passthrough-plan.json"
-        plan.write_text(json.dumps({"home": str(lake.settings.home), "namespace": lake.settings.namespace}))
+        plan.write_text(json.dumps({"catalog": catalog_properties(lake.settings.catalog_properties),
+                                   "namespace": lake.settings.namespace}))
         if not args.bitemporal_only:
             log = work / "passthrough.log"
             with log.open("ab") as out:

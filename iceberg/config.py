@@ -3,7 +3,9 @@
 Catalog properties merge, later winning: the embedded default (SQLite catalog and a warehouse under
 ``CHRONOLAKE_HOME``), the ``catalog:`` section of ``$CHRONOLAKE_HOME/chronolake.yaml``, and
 ``CHRONOLAKE__CATALOG__<PROP>`` environment variables, where ``__`` inside ``<PROP>`` stands for a dot
-(``CHRONOLAKE__CATALOG__S3__ENDPOINT`` sets ``s3.endpoint``), as pyiceberg does with its own prefix.
+and ``_`` for a dash (``CHRONOLAKE__CATALOG__S3__ACCESS_KEY_ID`` sets ``s3.access-key-id``), as pyiceberg
+reads its own ``PYICEBERG_CATALOG__`` variables. A property with an underscore in its name is set in
+the YAML file.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class LakeSettings:
             namespace = str(document.get("namespace", namespace))
         for name, value in environ.items():
             if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-                properties[name[len(ENV_PREFIX) :].lower().replace("__", ".")] = value
+                properties[name[len(ENV_PREFIX) :].lower().replace("__", ".").replace("_", "-")] = value
         if properties.get("type") == "sql" and str(properties.get("uri", "")).startswith("sqlite:///"):
             home_path.mkdir(parents=True, exist_ok=True)
         return cls(home=home_path, catalog_properties=properties, namespace=namespace)

@@ -66,7 +66,6 @@ from pyflink.table import StreamTableEnvironment
 
 from chronolake.iceberg.algebra import KeyState
 from chronolake.iceberg.dataset import QUARANTINE_COLUMNS, QUARANTINE_SUFFIX, DatasetSpec
-from chronolake.streaming.catalog import catalog_properties
 from chronolake.streaming.sources import KAFKA, KINESIS, RECORDS_QUERY, SOURCES, KafkaSource, KinesisSource
 from chronolake.streaming.transactions import (
     EV_DATASET,
@@ -513,7 +512,7 @@ def run(args: argparse.Namespace) -> None:
         .name("stable-time")
     )
 
-    catalog = _java_map(catalog_properties(Path(plan["home"])))
+    catalog = _java_map(plan["catalog"])
     columns = {name: DatasetSpec.from_json(name, text).table_columns() for name, text in specs.items()}
     for table, tag in sorted(tags.items()):
         table_columns = columns.get(table, QUARANTINE_COLUMNS)

@@ -35,7 +35,7 @@ from pyflink.datastream import KeyedProcessFunction, RuntimeContext, StreamExecu
 from pyflink.datastream.state import ValueState, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
-from chronolake.streaming.catalog import catalog_properties, with_clause
+from chronolake.streaming.catalog import with_clause
 from chronolake.streaming.job import build_configuration
 
 CATALOG = "chronolake"
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(
-        f"CREATE CATALOG {CATALOG} WITH ({with_clause(catalog_properties(Path(args.home)))})"
+        f"CREATE CATALOG {CATALOG} WITH ({with_clause(json.loads(Path(args.catalog).read_text()))})"
     )
     source = {
         "connector": "kafka",
@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group-id", default="chronolake-plumbing")
-    parser.add_argument("--home", required=True, help="CHRONOLAKE_HOME: catalog.db and warehouse/")
+    parser.add_argument(
+        "--catalog", required=True, help="a JSON file of Iceberg catalog properties (chronolake.streaming.catalog)"
+    )
     parser.add_argument("--table", required=True, help="namespace.table, created beforehand")
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--checkpoint-interval-ms", type=int, default=2000)

@@ -46,6 +46,7 @@ from chronolake.iceberg.rows import python_columns
 from chronolake.iceberg.schema import quarantine_schema
 from chronolake.iceberg.table import BitemporalTable
 from chronolake.lake import Lake
+from chronolake.streaming.catalog import UnsupportedCatalog, catalog_properties
 from chronolake.streaming.kinesis import DEFAULT_REGION, kinesis_client
 from chronolake.streaming.sources import KAFKA, KINESIS, SOURCES, shard_number
 from chronolake.streaming.transactions import UNROUTED_QUARANTINE
@@ -273,6 +274,15 @@ def table_states(table: BitemporalTable) -> dict[Key, KeyState]:
     return states
 
 
+def job_catalog(settings: LakeSettings) -> dict[str, str]:
+    """The lake's catalog as the job opens it (`chronolake.streaming.catalog`), or a one-line
+    `JobRuntimeError` saying why it cannot."""
+    try:
+        return catalog_properties(settings.catalog_properties)
+    except UnsupportedCatalog as error:
+        raise JobRuntimeError(str(error)) from None
+
+
 def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None = None) -> list[str]:
     """Check the source, create the unrouted quarantine, write the job's plan and state bootstrap;
     returns the command that starts the job.
@@ -282,11 +292,10 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
     writer (DESIGN: one writer per dataset); a batch load committed while the job runs is not seen.
     """
     runtime = runtime or JobRuntime()
-    source_plan, source_args = _source_arguments(settings)
     lake = Lake(settings.home)
     lake_settings: LakeSettings = lake.settings
-    if not str(lake_settings.catalog_properties.get("uri", "")).startswith("sqlite:///"):
-        raise JobRuntimeError("the streaming job supports only the embedded SQLite catalog so far")
+    catalog = job_catalog(lake_settings)
+    source_plan, source_args = _source_arguments(settings)
     tables = [lake.dataset(name).table for name in settings.datasets]
     try:
         lake.catalog.create_table((lake_settings.namespace, UNROUTED_QUARANTINE), schema=quarantine_schema())
@@ -297,10 +306,14 @@ def prepare_stream_job(settings: StreamJobSettings, runtime: JobRuntime | None =
     bootstrap_path = settings.work_dir / "bootstrap.pickle"
     plan = {
         "home": str(lake_settings.home),
+        "catalog": catalog,
         "namespace": lake_settings.namespace,
         "datasets": {t.spec.name: t.spec.to_json() for t in tables},
         **source_plan,
     }
+    # The catalog's properties may hold credentials: readable by this user only.
+    plan_path.touch(mode=0o600)
+    plan_path.chmod(0o600)
     plan_path.write_text(json.dumps(plan, indent=2))
     # Pickle: payloads hold Decimals and dates, and both ends run the same chronolake.iceberg code.
     bootstrap = {t.spec.name: table_states(t) for t in tables}

@@ -36,7 +36,7 @@ from chronolake.iceberg.ownership import StreamOwner, claim
 from chronolake.lake import Lake
 from chronolake.streaming.broker import BrokerSettings, LocalKafkaBroker
 from chronolake.streaming.cluster import SessionCluster
-from chronolake.streaming.runtime import LOG_APPEND_TIME, JobRuntime, StreamJobSettings, launch_stream_job
+from chronolake.streaming.runtime import LOG_APPEND_TIME, JobRuntime, StreamJobSettings, job_catalog, launch_stream_job
 
 DEFAULT_TOPIC = "chronolake-assertions"
 
@@ -130,6 +130,7 @@ class StreamService:
         self.created_topic = False
         self.cluster = SessionCluster.parse(options.jobmanager) if options.jobmanager else None
         self.job_id: str | None = None  # the job on the cluster
+        job_catalog(Lake(options.home).settings)  # a catalog the job cannot open fails now, not after a broker started
 
     @property
     def bootstrap_servers(self) -> str:

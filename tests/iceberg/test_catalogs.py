@@ -47,7 +47,7 @@ def test_s3_warehouse_on_a_real_s3_endpoint(s3_endpoint: str, tmp_path: Path) ->
         "CHRONOLAKE__CATALOG__S3__REGION": "us-east-1",
     }
     settings = LakeSettings.from_environment(environ=environ)
-    assert settings.catalog_properties["s3.access_key_id"] == "testing"
+    assert settings.catalog_properties["s3.access-key-id"] == "testing"
     exercise(Lake(settings=settings), tmp_path)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix="warehouse/")["Contents"]]
     assert any(k.endswith(".parquet") and "/prices/data/" in k for k in keys)

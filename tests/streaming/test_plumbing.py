@@ -33,6 +33,7 @@ from pyiceberg.types import (
 )
 
 from chronolake.streaming.broker import LOG_APPEND_TIME, LocalKafkaBroker
+from chronolake.streaming.catalog import catalog_properties
 from chronolake.streaming.runtime import REPO_ROOT, JobRuntime
 from chronolake.streaming.service import latest_checkpoint
 
@@ -60,13 +61,14 @@ EVENTS_SCHEMA = Schema(
 )
 
 
+def lake_properties(home: Path) -> dict[str, str]:
+    """The embedded default catalog's pyiceberg properties."""
+    return {"type": "sql", "uri": f"sqlite:///{home / 'catalog.db'}", "warehouse": f"file://{home / 'warehouse'}"}
+
+
 def open_catalog(home: Path) -> SqlCatalog:
     """The embedded default catalog exactly as the Python tools open it."""
-    return SqlCatalog(
-        name="chronolake",
-        uri=f"sqlite:///{home / 'catalog.db'}",
-        warehouse=f"file://{home / 'warehouse'}",
-    )
+    return SqlCatalog(name="chronolake", **lake_properties(home))
 
 
 def produce(broker: LocalKafkaBroker, topic: str, seqs: range) -> None:
@@ -124,10 +126,13 @@ def start_job(
     log: Path,
     restore_from: Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    catalog = work / "catalog.json"
+    catalog.parent.mkdir(parents=True, exist_ok=True)
+    catalog.write_text(json.dumps(catalog_properties(lake_properties(home))))
     args = [
         "--bootstrap-servers", broker.bootstrap_servers,
         "--topic", topic,
-        "--home", str(home),
+        "--catalog", str(catalog),
         "--table", "plumbing.events",
         "--checkpoint-dir", str(work / "checkpoints"),
         "--checkpoint-interval-ms", "2000",
