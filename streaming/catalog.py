@@ -3,7 +3,8 @@ settings, `chronolake.iceberg.config`) translated into Iceberg Java's (stdlib on
 it too).
 
 Supported: the SQL catalog on SQLite (the embedded default) or PostgreSQL, which Java opens as its
-`JdbcCatalog`, with a warehouse on the local disk or in S3 (or an S3-compatible endpoint).
+`JdbcCatalog`, with a warehouse on the local disk or in S3 (or an S3-compatible endpoint); and AWS
+Glue with a warehouse in S3, whose Java client takes credentials from the AWS SDK's default chain.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ class UnsupportedCatalog(ValueError):
     """The lake's catalog or warehouse is one the streaming job cannot open (yet)."""
 
 
+#: pyiceberg's static credentials for its Glue client (`client.*` applies to every AWS client).
+_GLUE_CREDENTIALS = (
+    "glue.access-key-id", "glue.secret-access-key", "glue.session-token", "glue.profile-name",
+    "client.access-key-id", "client.secret-access-key", "client.session-token", "client.profile-name",
+)
+
 #: pyiceberg's S3 properties that Iceberg's S3FileIO spells the same way.
 _S3_SAME = ("s3.endpoint", "s3.access-key-id", "s3.secret-access-key", "s3.session-token")
 
@@ -25,12 +32,14 @@ def catalog_properties(lake: Mapping[str, str]) -> dict[str, str]:
     """Iceberg Java's catalog properties (as Flink SQL's `CREATE CATALOG` takes them) for the lake's
     pyiceberg catalog properties `lake`; raises `UnsupportedCatalog` with a one-line reason."""
     kind = lake.get("type", "sql")
+    warehouse = lake.get("warehouse", "")
+    if kind == "glue":
+        return _glue(lake, warehouse)
     if kind != "sql":
         raise UnsupportedCatalog(
-            f"the streaming job opens SQL catalogs (SQLite or PostgreSQL) only, not a {kind!r} catalog"
+            f"the streaming job opens SQL catalogs (SQLite or PostgreSQL) and AWS Glue only, not a {kind!r} catalog"
         )
     uri = lake.get("uri", "")
-    warehouse = lake.get("warehouse", "")
     properties = {
         "type": "iceberg",
         "catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
@@ -50,6 +59,33 @@ def catalog_properties(lake: Mapping[str, str]) -> dict[str, str]:
         **_connection(uri),
         **_file_io(warehouse, lake),
     }
+    return properties
+
+
+def _glue(lake: Mapping[str, str], warehouse: str) -> dict[str, str]:
+    keys = [name for name in _GLUE_CREDENTIALS if lake.get(name)]
+    if keys:
+        # Iceberg Java's Glue client has no such properties: it takes the AWS SDK's default chain.
+        raise UnsupportedCatalog(
+            f"the streaming job's Glue client takes AWS credentials from the environment or its role "
+            f"(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...), not from {', '.join(keys)}"
+        )
+    if urlsplit(warehouse).scheme not in ("s3", "s3a"):
+        raise UnsupportedCatalog(f"a Glue catalog's warehouse must be in S3 (s3://bucket/path), not {warehouse!r}")
+    properties = {
+        "type": "iceberg",
+        "catalog-impl": "org.apache.iceberg.aws.glue.GlueCatalog",
+        "warehouse": warehouse,
+        # Iceberg Java allows only Hive-style names ([a-z0-9_]) unless told not to check; Glue's API
+        # and pyiceberg take the job's `stream-unrouted__quarantine` (hyphen: no dataset can have it).
+        "glue.skip-name-validation": "true",
+        **{name: lake[name] for name in ("glue.endpoint", "glue.id", "glue.skip-archive") if lake.get(name)},
+        **_file_io(warehouse, lake),
+    }
+    # One region for Iceberg Java's AWS clients (Glue and S3): the catalog's.
+    region = lake.get("glue.region") or lake.get("client.region") or lake.get("s3.region")
+    if region:
+        properties["client.region"] = region
     return properties
 
 
