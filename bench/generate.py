@@ -168,7 +168,7 @@ def ensure_daily(rows: int, keys: int, seed: int = 7, fmt: str = "csv") -> tuple
     bounds = [*shape.day_starts, len(data)]
     paths = []
     for day, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        path = base.with_name(base.name.replace("assertions_", f"daily_").replace(".", f"_d{day:03d}.", 1))
+        path = base.with_name(base.name.replace("assertions_", "daily_").replace(".", f"_d{day:03d}.", 1))
         if not path.exists():
             write(path, data[start:end], False)
         paths.append(path)
