@@ -47,6 +47,7 @@ def main() -> None:
     last_t = None
     pending: set[int] = set()
     since_checkpoint = 0
+    written = [0, 0]  # map-state entries put or removed, bytes put (at the checkpoints)
     log_ms = 1_700_000_000_000
 
     def timed(step: str, fn, *a):  # type: ignore[no-untyped-def]
@@ -68,7 +69,9 @@ def main() -> None:
         since_checkpoint += len(bundle)
         if since_checkpoint >= args.checkpoint_events:
             for bucket in sorted(pending):
-                timed("state flush", timeline.flush, bucket)
+                flushed = timed("state flush", timeline.flush, bucket)
+                written[0] += len(flushed.puts) + len(flushed.removes)
+                written[1] += sum(len(value) for value in flushed.puts.values())
             timed("settle heap", settle_heap)  # as the job does at its checkpoint marks
             pending.clear()
             since_checkpoint = 0
@@ -78,6 +81,8 @@ def main() -> None:
     for step, seconds in spent.items():
         print(f"  {step:<18} {seconds / args.events * 1e6:7.2f} us/event")
     print(f"  {'total':<18} {total / args.events * 1e6:7.2f} us/event = {args.events / total:,.0f} events/s")
+    print(f"  state written at the checkpoints: {written[0] / args.events:.2f} entries and "
+          f"{written[1] / args.events:,.0f} bytes per event")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class KeyTransaction:
     """
 
     __slots__ = (
-        "state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty", "_opened", "changed_from"
+        "state", "t", "_closed", "_applied_events", "applied", "duplicates", "_was_empty", "_opened", "changed_from",
+        "unchanged_tail",
     )
 
     def __init__(self, state: KeyState, t: int) -> None:
@@ -106,6 +107,9 @@ class KeyTransaction:
         #: Every segment of ``state.segments`` before this position is the one it held before the
         #: transaction (the same object): a caller that stored the key's segments rewrites the rest.
         self.changed_from = len(state.segments)
+        #: So many segments at the end of ``state.segments`` are the last ones it held before the
+        #: transaction (the same objects, in the same order).
+        self.unchanged_tail = len(state.segments)
 
     def apply(self, assertion: Assertion, digest: str | None = None) -> str | None:
         """Apply one assertion; returns the reason when the algebra refuses it (then nothing changed).
@@ -125,9 +129,13 @@ class KeyTransaction:
             self._applied_events.append((assertion.event_id, digest))
         else:
             digest = None
-        opened, first = _apply(self.state.segments, assertion, digest, self.t, self._closed)
+        segments = self.state.segments
+        opened, first = _apply(segments, assertion, digest, self.t, self._closed)
         if first < self.changed_from:
             self.changed_from = first
+        after = len(segments) - first - len(opened)  # the segments after those it replaced
+        if after < self.unchanged_tail:
+            self.unchanged_tail = after
         if not self.applied:
             self._opened = opened
         self.applied += 1

@@ -29,6 +29,7 @@ import zlib
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_right
 from itertools import islice
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -292,13 +293,14 @@ class EntityTimeline:
 
     def transact(
         self, state: KeyState, seen: dict[str, int], event: tuple[Any, ...], ttl_us: int, latest: int | None
-    ) -> tuple[list[SinkRow], int, int | None]:
+    ) -> tuple[list[SinkRow], int, int, int | None]:
         """`apply`, for a caller that holds the key: `latest` is `latest_system_from(state.segments)`,
-        which it keeps instead of reading every segment per event. Returns the rows, the position of
-        the first segment changed (`KeyTransaction.changed_from`) and the new latest system time."""
+        which it keeps instead of reading every segment per event. Returns the rows, where the
+        segments it changed begin and how many after them it left (`KeyTransaction.changed_from`,
+        `.unchanged_tail`), and the new latest system time."""
         t = event[EV_T]
         segments = state.segments
-        changed_from = len(segments)
+        changed_from = unchanged_tail = len(segments)
         if latest is not None and t <= latest:
             # Only another writer (a batch load with a later clock) can cause this; the algebra
             # needs t after every version it closes, so the record is kept aside, not misapplied.
@@ -316,7 +318,7 @@ class EntityTimeline:
                 rows = [self._refused(event, refused)]
             elif transaction.applied:
                 change = transaction.finish()
-                changed_from = transaction.changed_from
+                changed_from, unchanged_tail = transaction.changed_from, transaction.unchanged_tail
                 if change.opened:
                     latest = t
                 elif change.closed:
@@ -326,7 +328,7 @@ class EntityTimeline:
             else:
                 rows = []  # a redelivery of an event id it already applied
         remember_event_ids(state, seen, applied, t, ttl_us)
-        return rows, changed_from, latest
+        return rows, changed_from, unchanged_tail, latest
 
     def _refused(self, event: tuple[Any, ...], reason: str) -> SinkRow:
         return quarantine_row(self._quarantine, event[EV_SOURCE], event[EV_LINE], reason, event[EV_RAW], event[EV_T])
@@ -348,31 +350,42 @@ class EntityTimeline:
         return SinkRow(self.spec.name, (*key, *payload, *row[2:6], row.row_kind, row.event_id, row.event_digest))
 
 
-#: Segments, and remembered event ids, per map-state entry of a key's state (`StateCodec.write`).
-#: Every transaction rewrites the key's head (up to CHUNK - 1 segments and ids), which RocksDB then
-#: flushes and compacts: at 20 versions per key, 4 writes ~455 bytes per event, 8 wrote ~626 and 32
-#: ~1 KB. A state stored in chunks of another size is read in that size and rewritten in this one.
+#: Segments, and remembered event ids, per map-state entry of a key's state (`StateCodec.write`):
+#: ids in chunks of CHUNK by the order they were remembered; segments in chunks of CHUNK as a
+#: timeline grows at its end, a chunk a change in the middle reaches rewritten alone (kept whole
+#: up to 2 * CHUNK segments, else cut in chunks of CHUNK). Every transaction rewrites the key's
+#: head (the segments and ids after the last stored chunk), which RocksDB then flushes and
+#: compacts: at 20 versions per key, 4 wrote ~455 bytes per event, 8 ~626 and 32 ~1 KB. A state
+#: stored in an earlier layout is read and rewritten in this one.
 CHUNK = 4
-_SEGMENTS_AT = "\x1fs"  # entity + this + n: the key's segments n*CHUNK .. (n+1)*CHUNK
+#: entity + this + valid_from: the key's chunk of segments that starts there, with the valid_from
+#: that starts the chunk before it (the head names the last one).
+_SEGMENTS_FROM = "\x1fv"
 _EVENTS_AT = "\x1fe"  # entity + this + n: the key's remembered ids of ordinals n*CHUNK .. (n+1)*CHUNK
-_HEAD = 3  # the format of a head entry (an `M2` state is a 3-tuple, a head an 8-tuple)
+_HEAD = 4  # the format of a head entry (an `M2` state is a 3-tuple, a head an 8-tuple)
+#: The earlier head format: segments in chunks of `size` by position, `entity + "\x1fs" + n`.
+_POSITIONAL_HEAD = 3
+_POSITIONAL_AT = "\x1fs"
 
 
 class Written:
     """What RocksDB holds of one key's state, as its stage last wrote or read it (`StateCodec.write`):
-    the full chunks of its segments, and the ordinals of its remembered event ids (each id gets the
-    next ordinal when it is remembered; they are forgotten oldest first), with the last one's id
-    and time, to find where the ids remembered since begin."""
+    the stored chunks of its segments (each one's end position among them), how many segments the
+    state had, and the ordinals of its remembered event ids (each id gets the next ordinal when it
+    is remembered; they are forgotten oldest first), with the last one's id and time, to find where
+    the ids remembered since begin."""
 
-    __slots__ = ("chunks", "first", "end", "last_id", "last_t", "obsolete")
+    __slots__ = ("chunks", "ends", "count", "first", "end", "last_id", "last_t", "obsolete")
 
     def __init__(self) -> None:
         self.chunks: list[list[Segment]] = []
+        self.ends: list[int] = []
+        self.count = 0
         self.first = 0
         self.end = 0
         self.last_id: str | None = None
         self.last_t: int | None = None
-        #: Entries of a state stored in chunks of another size: removed by the next write.
+        #: Entries of a state stored in an earlier layout: removed by the next write.
         self.obsolete: list[str] = []
 
     def ids(self, seen: dict[str, int], first: int, end: int) -> None:
@@ -388,12 +401,16 @@ class StateCodec:
     """A key's `KeyState` (payloads as text, `Texts`) as the job keeps it in RocksDB (`write`,
     `read`), or as text for the lookup service (`encode`, `decode`).
 
-    In RocksDB a key's state is a head entry under its entity name and chunks of CHUNK segments and
-    CHUNK remembered event ids under the name with a suffix, so that a checkpoint rewrites only
-    what changed: the head (the counts, the last segments and ids) and the chunks that filled up or
-    lost ids; a state of at most CHUNK segments and ids is its head alone. `marshal` of plain
+    In RocksDB a key's state is a head entry under its entity name, chunks of segments under the
+    name with the valid_from of their first segment (each naming the one before, the head naming
+    the last), and chunks of CHUNK remembered event ids under the name with their number, so that a
+    checkpoint rewrites only what changed: the head (the last segments and ids) and the chunks a
+    transaction changed, filled up or emptied, however long the timeline and wherever the change
+    (named by position, a segment inserted early moved every chunk after it); a short state is its
+    head alone. `marshal` of plain
     tuples throughout. A head may also be a whole state in the earlier one-entry `M2` format
-    (`dump`), as checkpoints of earlier versions hold; the key's next change rewrites it as a head."""
+    (`dump`), or hold segments in chunks by position, as checkpoints of earlier versions hold;
+    the key's next change rewrites it."""
 
     TAG = "M2:"
 
@@ -424,28 +441,18 @@ class StateCodec:
         return self.load(base64.b64decode(text[len(self.TAG):]))
 
     def write(
-        self, entity: str, state: KeyState, seen: dict[str, int], written: Written, unchanged: int = 0
+        self, entity: str, state: KeyState, seen: dict[str, int], written: Written,
+        unchanged: int = 0, unchanged_tail: int = 0,
     ) -> tuple[dict[str, bytes], list[str]]:
         """The map-state entries to put and to remove so that RocksDB holds `state` and `seen`, given
         that it holds `written` (updated to the new state). `seen` must name every id of
-        `state.events` (`remember_event_ids` sees to that at every transaction). `unchanged`: the
-        first so many segments are those `written` holds (`KeyTransaction.changed_from`), so
-        their chunks are neither compared nor touched (most of a long timeline is cold in memory)."""
+        `state.events` (`remember_event_ids` sees to that at every transaction). `unchanged` and
+        `unchanged_tail`: the first and the last so many segments are those `written` holds
+        (`KeyTransaction.changed_from` and `.unchanged_tail`): the chunks there are neither compared
+        nor touched (most of a long timeline is cold in memory)."""
         puts: dict[str, bytes] = {}
         removes: list[str] = []
-        segments = state.segments
-        full = len(segments) // CHUNK
-        before = written.chunks
-        if full or before:
-            kept = min(unchanged // CHUNK, full, len(before))
-            chunks = before[:kept]
-            for n in range(kept, full):
-                chunk = segments[n * CHUNK:(n + 1) * CHUNK]
-                if n >= len(before) or chunk != before[n]:
-                    puts[f"{entity}{_SEGMENTS_AT}{n}"] = marshal.dumps(chunk, 4)
-                chunks.append(chunk)
-            removes += [f"{entity}{_SEGMENTS_AT}{n}" for n in range(full, len(before))]
-            written.chunks = chunks
+        tail = self._write_segments(entity, state.segments, written, unchanged, unchanged_tail, puts, removes)
 
         stored_from, stored_to = written.first // CHUNK, written.end // CHUNK
         if stored_from == stored_to:
@@ -464,13 +471,77 @@ class StateCodec:
                     chunk_ids = _ids(state.events, seen, first, end, max(n * CHUNK, first), (n + 1) * CHUNK)
                     puts[f"{entity}{_EVENTS_AT}{n}"] = marshal.dumps(chunk_ids, 4)
             tail_ids = _ids(state.events, seen, first, end, max(kept_to * CHUNK, first), end)
-        puts[entity] = marshal.dumps((_HEAD, CHUNK, full, segments[full * CHUNK:], first, end, *tail_ids), 4)
+        last = written.chunks[-1][0][0] if written.chunks else None
+        puts[entity] = marshal.dumps((_HEAD, CHUNK, last, tail, first, end, *tail_ids), 4)
         if written.obsolete:
             removes += [name for name in written.obsolete if name not in puts]
             written.obsolete = []
 
         written.ids(seen, first, end)
         return puts, removes
+
+    @staticmethod
+    def _write_segments(
+        entity: str, segments: list[Segment], written: Written, unchanged: int, unchanged_tail: int,
+        puts: dict[str, bytes], removes: list[str],
+    ) -> list[Segment]:
+        """Rewrites the stored chunks the change reaches (the segments between the first `unchanged`
+        and the last `unchanged_tail` ones), or, for a change after them (the usual: a new version
+        after the last), stores the head's segments in chunks once there are CHUNK of them; adds
+        the entries to `puts` and `removes`, updates `written`, and returns the segments after the
+        last stored chunk, which the head holds."""
+        chunks, ends = written.chunks, written.ends
+        count = len(segments)
+        shift = count - written.count  # where a segment after the change is now, minus where it was
+        stored = ends[-1] if ends else 0  # the stored chunks' segments, then the head's
+        if unchanged >= stored:
+            tail = segments[stored:]
+            while len(tail) >= CHUNK:  # a full chunk's worth: stored apart, naming the last one
+                chunk, tail = tail[:CHUNK], tail[CHUNK:]
+                puts[_chunk_name(entity, chunk)] = marshal.dumps((chunk, chunks[-1][0][0] if chunks else None), 4)
+                chunks.append(chunk)
+                ends.append((ends[-1] if ends else 0) + CHUNK)
+            written.count = count
+            return tail
+        first = bisect_right(ends, unchanged)  # the stored chunk holding the first changed segment
+        changed_to = written.count - unchanged_tail  # where the change ended then
+        last = bisect_right(ends, changed_to - 1) if changed_to > unchanged else first
+        begin = ends[first - 1] if first else 0
+        if last >= len(chunks) - 1:
+            # The change reaches the last stored chunk or the head's segments (a new version after
+            # the last closes the last one): from chunk `first` on, in chunks of CHUNK.
+            span = segments[begin:]
+            made = [span[n:n + CHUNK] for n in range(0, len(span) - len(span) % CHUNK, CHUNK)]
+            tail = span[len(made) * CHUNK:]
+            resume = len(chunks)
+        else:
+            span = segments[begin:ends[last] + shift]
+            # Chunks `first` to `last` changed: their segments now, as one chunk, or CHUNK at a time.
+            step = max(len(span), 1) if len(span) <= 2 * CHUNK else CHUNK
+            made = [span[n:n + step] for n in range(0, len(span), step)]
+            tail = segments[stored + shift:]
+            resume = last + 1
+        before = chunks[first - 1][0][0] if first else None
+        replaced = {chunk[0][0]: (chunk, chunks[first + n - 1][0][0] if first + n else None)
+                    for n, chunk in enumerate(chunks[first:resume])}
+        for chunk in made:
+            if replaced.pop(chunk[0][0], None) != (chunk, before):
+                puts[_chunk_name(entity, chunk)] = marshal.dumps((chunk, before), 4)
+            before = chunk[0][0]
+        removes += [f"{entity}{_SEGMENTS_FROM}{start}" for start in replaced]
+        if resume < len(chunks) and chunks[resume - 1][0][0] != before:
+            after = chunks[resume]  # it names the chunk before it, which is another one now
+            puts[_chunk_name(entity, after)] = marshal.dumps((after, before), 4)
+        position = begin
+        made_ends = []
+        for chunk in made:
+            position += len(chunk)
+            made_ends.append(position)
+        ends_after = [end + shift for end in ends[resume:]] if shift else ends[resume:]
+        written.chunks = [*chunks[:first], *made, *chunks[resume:]]
+        written.ends = [*ends[:first], *made_ends, *ends_after]
+        written.count = count
+        return tail
 
     def read(
         self, entity: str, head: bytes, get: Callable[[str], bytes | None]
@@ -481,16 +552,31 @@ class StateCodec:
         if len(data) == 3:  # `M2`: the whole state in one entry
             state, seen = self.load(head)
             return state, seen, Written()
-        _, size, full, tail, first, end, tail_events, tail_seen = data
+        layout, size, start, tail, first, end, tail_events, tail_seen = data
         written = Written()
         segments: list[Segment] = []
-        for n in range(full):
-            chunk = get(f"{entity}{_SEGMENTS_AT}{n}")
-            if chunk is None:
-                return None
-            written.chunks.append(marshal.loads(chunk))
-            segments += written.chunks[-1]
+        names: list[str] = []
+        if layout == _POSITIONAL_HEAD:  # `start` is the number of chunks, of `size` segments each
+            names = [f"{entity}{_POSITIONAL_AT}{n}" for n in range(start)]
+            for name in names:
+                chunk = get(name)
+                if chunk is None:
+                    return None
+                segments += marshal.loads(chunk)
+        else:  # `start`: the first valid_from of the last stored chunk, each naming the one before
+            while start is not None:
+                names.append(f"{entity}{_SEGMENTS_FROM}{start}")
+                chunk = get(names[-1])
+                if chunk is None:
+                    return None
+                stored, start = marshal.loads(chunk)
+                written.chunks.append(stored)
+            written.chunks.reverse()
+            for stored in written.chunks:
+                segments += stored
+                written.ends.append(len(segments))
         segments += tail
+        written.count = len(segments)
         if first // size == end // size:
             events, seen = tail_events, tail_seen
         else:
@@ -504,15 +590,18 @@ class StateCodec:
                 seen.update(chunk_seen)
             events.update(tail_events)
             seen.update(tail_seen)
-        if size != CHUNK:
-            # Written in chunks of another size (an earlier version): the next write stores the
-            # state in this size, as if RocksDB held none of it, and removes the old entries.
+        if layout == _POSITIONAL_HEAD or size != CHUNK:
+            # Written in an earlier layout or with ids in chunks of another size: the next write
+            # stores the state in this one, as if RocksDB held none of it, and removes the old entries.
             fresh = Written()
-            fresh.obsolete = [f"{entity}{_SEGMENTS_AT}{n}" for n in range(full)]
-            fresh.obsolete += [f"{entity}{_EVENTS_AT}{n}" for n in range(first // size, end // size)]
+            fresh.obsolete = names + [f"{entity}{_EVENTS_AT}{n}" for n in range(first // size, end // size)]
             return KeyState(segments, events), seen, fresh
         written.ids(seen, first, end)
         return KeyState(segments, events), seen, written
+
+
+def _chunk_name(entity: str, chunk: list[Segment]) -> str:
+    return f"{entity}{_SEGMENTS_FROM}{chunk[0][0]}"
 
 
 def _remembered_since(seen: dict[str, int], written: Written) -> int:
@@ -677,9 +766,9 @@ class TimelineStage:
                 entry = [event[EV_DATASET], state, seen, written, latest_system_from(state.segments)]
             cache[entity] = entry  # most recently used last
             dataset, state, seen, written, latest = entry
-            made, changed_from, entry[4] = timelines[dataset].transact(state, seen, event, ttl, latest)
+            made, changed_from, unchanged_tail, entry[4] = timelines[dataset].transact(state, seen, event, ttl, latest)
             rows += made
-            put, remove = codecs[dataset].write(entity, state, seen, written, changed_from)
+            put, remove = codecs[dataset].write(entity, state, seen, written, changed_from, unchanged_tail)
             for name in remove:  # what a later write puts again is not removed, and the reverse
                 puts.pop(name, None)
                 removes.add(name)

@@ -153,8 +153,9 @@ def test_new_key_timeline_opens_what_the_transaction_opens(transaction: list[Ref
 
 @settings(max_examples=EXAMPLES // 4, deadline=None)
 @given(histories())
-def test_a_transaction_names_where_the_timeline_it_changed_starts_to_differ(history: list[list[RefAssertion]]) -> None:
-    # The stream job rewrites a key's stored state from `changed_from` on, without comparing the rest.
+def test_a_transaction_names_where_the_timeline_it_changed_starts_and_stops_differing(history: list[list[RefAssertion]]) -> None:
+    # The stream job rewrites only the stored chunks of a key's state between `changed_from` and the
+    # `unchanged_tail`, without comparing the rest.
     states: dict[str, KeyState] = defaultdict(KeyState)
     for number, transaction in enumerate(history, start=1):
         by_key: dict[str, list[Assertion]] = defaultdict(list)
@@ -169,7 +170,12 @@ def test_a_transaction_names_where_the_timeline_it_changed_starts_to_differ(hist
             same = 0
             while same < min(len(before), len(after)) and before[same] is after[same]:
                 same += 1
+            tail = 0
+            while tail < min(len(before), len(after)) and before[-1 - tail] is after[-1 - tail]:
+                tail += 1
             assert applied.changed_from <= same, "a segment before changed_from was replaced"
+            assert applied.unchanged_tail <= tail, "a segment of the unchanged tail was replaced"
             if all(a.op == "upsert" for a in assertions):
                 # Exactly where they start to differ (a delete over a gap changes nothing at its position).
                 assert applied.changed_from == same
+                assert applied.unchanged_tail == tail

@@ -169,7 +169,8 @@ def test_the_state_codec_round_trips_text_states_and_turns_typed_ones_into_text(
             st.none() | st.text(), st.none() | st.text(),
         ),
         max_size=8,
-    )
+        unique_by=lambda segment: segment.valid_from,  # a timeline: no two segments start together
+    ).map(sorted)
 
     @settings(max_examples=300, deadline=None)
     @given(segments, st.dictionaries(st.text(), st.text(), max_size=5))
@@ -336,10 +337,7 @@ def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(
                     found = codec.read(entity, store[entity], store.get)
                     assert found is not None
                     assert (found[0], found[1]) == (state, seen) and list(found[1]) == list(seen)
-                    _, size, full, _, first, end, _, _ = marshal.loads(store[entity])
-                    reachable = {entity} | {f"{entity}\x1fs{n}" for n in range(full)}
-                    reachable |= {f"{entity}\x1fe{n}" for n in range(first // size, end // size)}
-                    assert set(store) == reachable, "no entry the state does not use"
+                    assert set(store) == reachable(store, entity), "no entry the state does not use"
                 checkpointed = copy.deepcopy((state, seen))
             else:  # a restore from the last checkpoint: a new stage that reads what was written
                 monkeypatch.setattr(transactions, "CHUNK", current[1])
@@ -347,13 +345,109 @@ def test_key_states_are_written_in_chunks_and_read_back_whole_after_any_history(
                 state, seen = copy.deepcopy(checkpointed)
 
     history()
-    monkeypatch.setattr(transactions, "CHUNK", 3)
 
-    # The common change, a new version after the last one: only the head is rewritten.
-    timeline, state, seen, written = EntityTimeline(SPEC), KeyState(), {}, Written()
-    for day in range(1, 20):
-        apply(timeline, state, seen, event(x=day, valid_from=f"2024-01-{day:02d}", event_id=f"e{day}"), day * hour)
-    store = codec.write(entity, state, seen, written)[0]
-    assert len(store) == 1 + 19 // 3 + 19 // 3  # the head, full chunks of segments and of ids
-    apply(timeline, state, seen, event(x=0, valid_from="2024-01-20", event_id="e20"), 20 * hour)
-    assert codec.write(entity, state, seen, written) == ({entity: codec.write(entity, state, seen, Written())[0][entity]}, [])
+
+def reachable(store: dict[str, bytes], entity: str) -> set[str]:
+    """The entries a key's state in `store` uses: its head, the chunks of segments the head's chain
+    names (from the last one back), and the chunks of ids its ordinals span."""
+    layout, size, last, _, first, end, _, _ = marshal.loads(store[entity])
+    assert layout == 4
+    names = {entity} | {f"{entity}\x1fe{n}" for n in range(first // size, end // size)}
+    while last is not None:
+        names.add(f"{entity}\x1fv{last}")
+        last = marshal.loads(store[f"{entity}\x1fv{last}"])[1]
+    return names
+
+
+def test_a_change_rewrites_the_chunks_around_it_however_long_the_timeline() -> None:
+    """A key with years of daily versions: a new version after the last rewrites the head (and the
+    chunk of the version it closes, when that one is stored apart); a correction or a delete of an
+    old day rewrites the chunk it changed and at most the next one's link, not the chunks after it. What RocksDB (here a dict) then holds reads back
+    as the state the events made, and holds no entry the state does not use."""
+    from datetime import date, timedelta
+
+    from chronolake.streaming.transactions import StateCodec, TimelineStage, Written
+
+    codec = StateCodec(SPEC)
+    entity = "prices\x00('a',)"
+    hour = 3_600_000_000
+    stage = TimelineStage({"prices": SPEC}, 24 * hour, 10)
+    timeline, state, seen = EntityTimeline(SPEC), KeyState(), {}
+    store: dict[str, bytes] = {}
+
+    def load(_: tuple) -> tuple[KeyState, dict[str, int], Written]:
+        return KeyState(), {}, Written()
+
+    def day(n: int) -> str:
+        return (date(2020, 1, 1) + timedelta(days=n)).isoformat()
+
+    def step(t: int, **fields: object) -> tuple[dict[str, bytes], list[str]]:
+        routed = ROUTER.route(event(**fields), "s", 0, t)
+        assert isinstance(routed, Routed)
+        assert stage.run(0, [routed.event], load) == timeline.apply(state, seen, routed.event, 24 * hour)
+        flushed = stage.flush(0)
+        for name in flushed.removes:
+            store.pop(name, None)
+        store.update(flushed.puts)
+        found = codec.read(entity, store[entity], store.get)
+        assert found is not None and found[:2] == (state, seen)
+        assert set(store) == reachable(store, entity)
+        return flushed.puts, flushed.removes
+
+    days = 1500
+    for n in range(days):
+        step((n + 1) * hour, x=n, valid_from=day(n), event_id=f"e{n}")
+    assert len(state.segments) == days and len(store) > days // 8  # stored in many chunks
+    t = (days + 1) * hour
+    for n in range(60):  # corrections anywhere in the timeline: of a day, of half a day, deletes
+        old = (n * 7919) % (days - 1)
+        kind = n % 3
+        fields = {"valid_from": day(old) if kind != 1 else f"{day(old)}T12:00:00Z", "valid_to": day(old + 1)}
+        if kind == 2:
+            fields["op"] = "delete"
+        puts, removes = step(t, x=-n, event_id=f"c{n}", **fields)
+        # At most: the chunk it changed, under a new name, split in two, and the next one's link.
+        chunks = [name for name in [*puts, *removes] if "\x1fv" in name]
+        assert len(chunks) <= 4, (old, sorted(puts), removes)
+        t += hour
+    puts, removes = step(t, x=0, valid_from=day(days), event_id="last")
+    assert len(puts) <= 3 and not removes
+
+
+def test_a_state_stored_by_position_restores_and_is_rewritten_by_content() -> None:
+    """Checkpoints of the previous version hold a key's segments in chunks by position (a head of
+    layout 3: its count of chunks of `size`, `entity + "\\x1fs" + n`). Such a state reads back whole;
+    the key's next change stores it in this layout and removes the old entries."""
+    from chronolake.streaming.transactions import StateCodec
+
+    codec = StateCodec(SPEC)
+    entity = "prices\x00('a',)"
+    hour = 3_600_000_000
+    timeline, state, seen = EntityTimeline(SPEC), KeyState(), {}
+    for n in range(1, 23):
+        apply(timeline, state, seen, event(x=n, valid_from=f"2024-01-{n:02d}", event_id=f"e{n}"), n * hour)
+    size, full = 8, len(state.segments) // 8
+    store = {f"{entity}\x1fs{n}": marshal.dumps(state.segments[n * size:(n + 1) * size], 4) for n in range(full)}
+    ids = list(seen)  # ordinals 0 .. len(seen): chunks of `size` ids apart, the rest in the head
+    for n in range(len(ids) // size):
+        chunk = ids[n * size:(n + 1) * size]
+        store[f"{entity}\x1fe{n}"] = marshal.dumps(({i: state.events[i] for i in chunk}, {i: seen[i] for i in chunk}), 4)
+    rest = ids[len(ids) // size * size:]
+    store[entity] = marshal.dumps(
+        (3, size, full, state.segments[full * size:], 0, len(ids), {i: state.events[i] for i in rest}, {i: seen[i] for i in rest}), 4
+    )
+
+    found = codec.read(entity, store[entity], store.get)
+    assert found is not None and found[:2] == (state, seen)
+    restored, restored_seen, written = found
+    apply(timeline, state, seen, event(x=0, valid_from="2024-01-23", event_id="e23"), 23 * hour)
+    apply(timeline, restored, restored_seen, event(x=0, valid_from="2024-01-23", event_id="e23"), 23 * hour)
+    puts, removes = codec.write(entity, restored, restored_seen, written)
+    for name in removes:
+        store.pop(name)
+    store.update(puts)
+    assert not any("\x1fs" in name for name in store), "the positional chunks are gone"
+    assert len(store) > 3 and any("\x1fv" in name for name in store)
+    assert set(store) == reachable(store, entity)
+    found = codec.read(entity, store[entity], store.get)
+    assert found is not None and found[:2] == (state, seen)
