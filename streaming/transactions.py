@@ -406,11 +406,10 @@ class StateCodec:
     the last), and chunks of CHUNK remembered event ids under the name with their number, so that a
     checkpoint rewrites only what changed: the head (the last segments and ids) and the chunks a
     transaction changed, filled up or emptied, however long the timeline and wherever the change
-    (named by position, a segment inserted early moved every chunk after it); a short state is its
-    head alone. `marshal` of plain
-    tuples throughout. A head may also be a whole state in the earlier one-entry `M2` format
-    (`dump`), or hold segments in chunks by position, as checkpoints of earlier versions hold;
-    the key's next change rewrites it."""
+    (chunks named by position moved, and were rewritten, with every segment inserted or removed
+    before them); a short state is its head alone. `marshal` of plain tuples throughout. A head may
+    also be a whole state in the earlier one-entry `M2` format (`dump`), or hold segments in chunks
+    by position, as checkpoints of earlier versions hold; the key's next change rewrites it."""
 
     TAG = "M2:"
 
