@@ -207,6 +207,12 @@ def measure(job: subprocess.Popen[bytes], bootstrap: str, group: str, total: int
     }
 
 
+def _ratio(bitemporal: dict[str, Any], passthrough: dict[str, Any]) -> float | None:
+    """The bitemporal job's rate over the pass-through's, over the same kind of window."""
+    over, under = bitemporal["events_per_s"], passthrough["events_per_s"]
+    return round(over / under, 3) if over and under else None
+
+
 def _window(start: Mark, end: Mark) -> dict[str, Any]:
     """Rate and CPU per event between two moments of a job's run."""
     seconds = end[0] - start[0]
@@ -361,10 +367,8 @@ def main() -> None:
     if args.bitemporal_only:
         print(json.dumps(results, indent=2))
         return
-    passthrough, bitemporal = results["passthrough"]["events_per_s"], results["bitemporal"]["events_per_s"]
-    results["ratio"] = round(bitemporal / passthrough, 3) if passthrough and bitemporal else None
-    passthrough, bitemporal = (results[job]["second_half"]["events_per_s"] for job in ("passthrough", "bitemporal"))
-    results["ratio_second_half"] = round(bitemporal / passthrough, 3) if passthrough and bitemporal else None
+    results["ratio"] = _ratio(results["bitemporal"], results["passthrough"])
+    results["ratio_second_half"] = _ratio(results["bitemporal"]["second_half"], results["passthrough"]["second_half"])
     results["machine"] = {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "load_average": os.getloadavg(), "code": child.code_version(),
