@@ -130,7 +130,8 @@ class StreamService:
         self.created_topic = False
         self.cluster = SessionCluster.parse(options.jobmanager) if options.jobmanager else None
         self.job_id: str | None = None  # the job on the cluster
-        job_catalog(Lake(options.home).settings)  # a catalog the job cannot open fails now, not after a broker started
+        self.lake = Lake(options.home)
+        job_catalog(self.lake.settings)  # a catalog the job cannot open fails now, not after a broker started
 
     @property
     def bootstrap_servers(self) -> str:
@@ -159,8 +160,7 @@ class StreamService:
     def start(self) -> None:
         """Steps 1-4 of the module docstring (the broker only if none is given)."""
         options = self.options
-        lake = Lake(options.home)
-        datasets = [lake.dataset(name) for name in options.datasets]  # fails clearly on a typo
+        datasets = [self.lake.dataset(name) for name in options.datasets]  # fails clearly on a typo
         if self.cluster is not None:
             self.cluster.check()
             if options.bootstrap_servers is None:
@@ -258,11 +258,10 @@ class StreamService:
 
     def wait_until_stable(self, dataset: str, at_least_us: int, timeout_s: float = 300.0) -> int:
         """Wait until the dataset's stable system time reaches `at_least_us`; returns it."""
-        lake = Lake(self.options.home)
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_running()
-            stable = lake.dataset(dataset).stable_system_time()
+            stable = self.lake.dataset(dataset).stable_system_time()
             if stable is not None and stable >= at_least_us:
                 return stable
             if time.monotonic() > deadline:
