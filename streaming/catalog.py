@@ -82,10 +82,8 @@ def _glue(lake: Mapping[str, str], warehouse: str) -> dict[str, str]:
         **{name: lake[name] for name in ("glue.endpoint", "glue.id", "glue.skip-archive") if lake.get(name)},
         **_file_io(warehouse, lake),
     }
-    # One region for Iceberg Java's AWS clients (Glue and S3): the catalog's.
-    region = lake.get("glue.region") or lake.get("client.region") or lake.get("s3.region")
-    if region:
-        properties["client.region"] = region
+    if lake.get("glue.region"):
+        properties["client.region"] = lake["glue.region"]  # one region for Iceberg Java's AWS clients: the catalog's
     return properties
 
 

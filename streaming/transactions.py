@@ -30,7 +30,7 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator
 from bisect import bisect_right
-from itertools import islice
+from itertools import accumulate, islice
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -531,11 +531,7 @@ class StateCodec:
         if resume < len(chunks) and chunks[resume - 1][0][0] != before:
             after = chunks[resume]  # it names the chunk before it, which is another one now
             puts[_chunk_name(entity, after)] = marshal.dumps((after, before), 4)
-        position = begin
-        made_ends = []
-        for chunk in made:
-            position += len(chunk)
-            made_ends.append(position)
+        made_ends = list(accumulate(map(len, made), initial=begin))[1:]
         ends_after = [end + shift for end in ends[resume:]] if shift else ends[resume:]
         written.chunks = [*chunks[:first], *made, *chunks[resume:]]
         written.ends = [*ends[:first], *made_ends, *ends_after]
